@@ -1,0 +1,5 @@
+import sys
+
+from k4trt.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+"""`k4trt`: run, bench, doctor, weights. Heavy imports happen inside each command so --help is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from k4trt.cli import run as run_cmd
+from k4trt.cli import weights as weights_cmd
+from k4trt.cli.errors import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="k4trt",
+        description="Kandinsky 4.0 T2V Flash on TensorRT (or PyTorch / ONNX Runtime): prompt -> video.",
+    )
+    sub = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
+    run_cmd.add_parser(sub)
+    weights_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: args.command(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

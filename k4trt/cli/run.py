@@ -1,0 +1,73 @@
+"""`k4trt run`: one prompt to one video (or image), with the stage times."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from k4trt import config
+from k4trt.errors import K4TRTError
+from k4trt.fsutil import check_writable_dir
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="generate a video (or an image with --duration 0) from a prompt",
+        description="Generate a video from PROMPT with Kandinsky 4.0 T2V Flash (4 steps).",
+    )
+    p.add_argument("prompt", help="what the video shows (English; longer than 224 T5 tokens is truncated)")
+    p.add_argument("-o", "--output", type=Path, help="output .mp4 (or .png for --duration 0); default k4trt.mp4/.png")
+    p.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder (default: ./weights)")
+    p.add_argument("--engines", type=Path, help="engines folder from build-engines (for --backend trt|onnxruntime)")
+    p.add_argument("--backend", choices=("trt", "torch", "onnxruntime"), default="torch",
+                   help="trt: TensorRT engines (fastest); torch: PyTorch reference; onnxruntime: the exported graphs")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when a GPU is visible, else cpu")
+    p.add_argument("--seed", type=int, help="same seed, same video (default: random, printed)")
+    p.add_argument("--duration", type=float, default=12, metavar="SECONDS",
+                   help=f"whole seconds, 0-{config.MAX_SECONDS}; 0 makes a single image (default 12)")
+    p.add_argument("--size", default="672x384", metavar="WxH",
+                   help="width x height; the released model knows "
+                   + ", ".join(f"{w}x{h}" for w, h in config.TRAINED_SIZES) + " (default 672x384)")
+    p.add_argument("--save-latents", type=Path, metavar="FILE.npy", help="also save the final latents, float32 (T, H/8, W/8, 16)")
+    p.add_argument("--save-frames", type=Path, metavar="FILE.npy", help="also save the frames, float32 (F, H, W, 3) in [0, 1]")
+    p.add_argument("--report", type=Path, metavar="FILE.json", help="also save the stage times as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(command=run)
+
+
+def _check_side_outputs(args: argparse.Namespace) -> None:
+    for flag, path, suffix in (("--save-latents", args.save_latents, ".npy"), ("--save-frames", args.save_frames, ".npy"),
+                               ("--report", args.report, ".json")):
+        if path is None:
+            continue
+        if path.suffix.lower() != suffix:
+            raise K4TRTError(f"{flag} {path}: the file name must end in {suffix}")
+        check_writable_dir(path.parent.resolve(), f"{flag} {path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from k4trt.runtime.pipeline import Pipeline, save_array
+
+    if not args.prompt.strip():
+        raise K4TRTError("the prompt is empty; describe the video to generate")
+    seconds = config.check_duration(args.duration)
+    width, height = config.parse_size(args.size)
+    output = args.output or Path("k4trt.png" if seconds == 0 else "k4trt.mp4")
+    _check_side_outputs(args)
+
+    pipe = Pipeline.from_pretrained(args.weights, backend=args.backend, device=args.device, engines=args.engines)
+    result = pipe.generate(args.prompt, seed=args.seed, seconds=seconds, width=width, height=height, output=output,
+                           keep_frames=args.save_frames is not None, progress=not args.no_progress)
+    if args.save_latents:
+        save_array(args.save_latents, result.latents)
+    if args.save_frames:
+        assert result.frames is not None
+        save_array(args.save_frames, result.frames)
+    settings = {"prompt": args.prompt, "seed": result.seed, "duration_s": seconds, "width": width, "height": height,
+                "backend": args.backend, "device": str(pipe.executor.device)}
+    if args.report:
+        result.times.save(args.report, settings)
+    print(f"wrote {output} ({config.video_frames(config.latent_frames(seconds))} frames, seed {result.seed})")
+    print(result.times.table())
+    return 0

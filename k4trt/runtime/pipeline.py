@@ -1,0 +1,186 @@
+"""Prompt -> video: T5, the shared sampler over an executor, the shared VAE chunk schedule, the video writer.
+
+The backend only chooses the executor; every other step is this one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from k4trt import config
+from k4trt.errors import K4TRTError
+from k4trt.fsutil import atomic_path
+from k4trt.models.dit import build_rope
+from k4trt.models.scheduler import Schedule
+from k4trt.models.text import TextEncoder
+from k4trt.runtime.executor import Executor
+from k4trt.runtime.report import StageTimes
+from k4trt.runtime.sampler import draw_noises, sample
+from k4trt.runtime.vae_schedule import chunk_bounds, decode_chunks
+from k4trt.runtime.video import FrameWriter, check_output_path
+from k4trt.weights.layout import WeightsFolder
+
+BACKENDS = ("trt", "torch", "onnxruntime")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise K4TRTError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if device.type not in ("cuda", "cpu"):
+        raise K4TRTError(f"device {device} is not supported; use cuda or cpu")
+    return device
+
+
+def make_executor(
+    backend: str, weights: WeightsFolder, engines: Path | None, device: torch.device
+) -> Executor:
+    """Imports each backend only when chosen, so a machine without TensorRT or ONNX Runtime can still run."""
+    if backend == "torch":
+        from k4trt.runtime.torch_executor import TorchExecutor, default_dtype
+
+        return TorchExecutor.from_weights(weights, device, default_dtype(device))
+    if engines is None:
+        raise K4TRTError(f"--backend {backend} needs --engines DIR; build it with: build-engines --out DIR")
+    if backend == "onnxruntime":
+        from k4trt.runtime.ort_executor import OnnxRuntimeExecutor
+
+        return OnnxRuntimeExecutor(engines, device)
+    if backend == "trt":
+        from k4trt.runtime.trt_executor import TensorRTExecutor
+
+        return TensorRTExecutor(engines, device=device)
+    raise K4TRTError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass
+class Generation:
+    seed: int
+    latents: torch.Tensor  # float32 [T, H/8, W/8, 16] on the CPU
+    frames: torch.Tensor | None  # float32 [F, H, W, 3] in [0, 1], when asked for
+    times: StageTimes
+    path: Path | None
+
+
+class Pipeline:
+    """Kandinsky 4.0 T2V Flash. `Pipeline.from_pretrained("weights/", backend="torch")(text="a cat")`."""
+
+    def __init__(self, text_encoder: TextEncoder, executor: Executor, schedule: Schedule, released: bool) -> None:
+        self.text_encoder = text_encoder
+        self.executor = executor
+        self.schedule = schedule
+        self.released = released
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights: str | Path,
+        backend: str = "torch",
+        device: str | torch.device | None = None,
+        engines: str | Path | None = None,
+    ) -> Pipeline:
+        folder = WeightsFolder(weights)
+        folder.require()
+        device = resolve_device(device)
+        if backend == "trt" and device.type != "cuda":
+            raise K4TRTError("--backend trt needs a CUDA GPU; use --backend torch or onnxruntime on the CPU")
+        executor = make_executor(backend, folder, Path(engines) if engines is not None else None, device)
+        text_encoder = TextEncoder.from_pretrained(folder.text_encoder, folder.tokenizer, device, executor.dtype)
+        released = executor.dit_config == config.RELEASED_DIT
+        return cls(text_encoder, executor, Schedule.from_config_dir(folder.scheduler), released)
+
+    def check_request(self, prompt: str, seconds: object, width: int, height: int, output: Path | None) -> int:
+        """Every check that needs no model work, so bad input fails before anything runs or is written."""
+        if not prompt or not prompt.strip():
+            raise K4TRTError("the prompt is empty; describe the video to generate")
+        seconds = config.check_duration(seconds)
+        config.check_size(width, height, released=self.released)
+        if output is not None:
+            check_output_path(output, single_frame=seconds == 0)
+        return seconds
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        seed: int | None = None,
+        seconds: int = 12,
+        width: int = 672,
+        height: int = 384,
+        output: str | Path | None = None,
+        keep_frames: bool = False,
+        progress: bool = True,
+    ) -> Generation:
+        output = Path(output) if output is not None else None
+        seconds = self.check_request(prompt, seconds, width, height, output)
+        seed = random.randrange(2**63 - 1) if seed is None else seed
+        ex = self.executor
+        times = StageTimes(ex.device)
+        latent_t = config.latent_frames(seconds)
+        shape = (latent_t, height // config.VAE_SPATIAL_FACTOR, width // config.VAE_SPATIAL_FACTOR, config.LATENT_CHANNELS)
+
+        with times.stage("text encoder"):
+            text = self.text_encoder.encode(prompt).to(ex.dtype)
+        with times.stage("noise + rope"):
+            rope = build_rope(ex.dit_config, *shape[:3], dtype=ex.dtype, device=ex.device)
+            noises = [n.to(ex.dtype).to(ex.device) for n in draw_noises(seed, shape, config.NUM_STEPS)]
+            alphas = self.schedule.alphas_cumprod.to(ex.device)
+
+        steps = tqdm(total=config.NUM_STEPS, desc="DiT", unit="step", disable=not progress)
+        with times.stage("dit"), steps:
+            latents = sample(ex, text, rope, noises, self.schedule.timesteps(config.NUM_STEPS), alphas,
+                             on_step=lambda _: steps.update())
+
+        frames: list[torch.Tensor] = []
+        chunks = tqdm(total=len(chunk_bounds(latent_t)), desc="VAE", unit="chunk", disable=not progress)
+        with _writer(output, width, height) as writer, chunks:
+            decoded = decode_chunks(ex, latents)
+            while True:
+                with times.stage("vae"):
+                    pixels = next(decoded, None)
+                if pixels is None:
+                    break
+                chunks.update()
+                if keep_frames:
+                    frames.append(pixels.cpu())
+                if writer is not None:
+                    with times.stage("video encode"):
+                        writer.write(pixels)
+        return Generation(
+            seed=seed,
+            latents=latents.cpu(),
+            frames=torch.cat(frames) if keep_frames else None,
+            times=times,
+            path=output,
+        )
+
+    def __call__(
+        self,
+        text: str,
+        save_path: str | Path | None = "./test.mp4",
+        time_length: int = 12,
+        width: int = 512,
+        height: int = 512,
+        seed: int | None = None,
+    ) -> Generation:
+        """Shaped like the original's `Kandinsky4T2VPipeline.__call__` so existing callers port directly."""
+        return self.generate(text, seed=seed, seconds=time_length, width=width, height=height, output=save_path)
+
+
+def _writer(output: Path | None, width: int, height: int) -> contextlib.AbstractContextManager[FrameWriter | None]:
+    return FrameWriter(output, width, height) if output is not None else contextlib.nullcontext()
+
+
+def save_array(path: Path, array: torch.Tensor) -> None:
+    """`--save-latents` / `--save-frames`: float32 .npy, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array.float().numpy())
