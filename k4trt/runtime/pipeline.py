@@ -133,7 +133,7 @@ class Pipeline:
         with times.stage("noise + rope"):
             rope = build_rope(ex.dit_config, *shape[:3], dtype=ex.dtype, device=ex.device)
             noises = [n.to(ex.dtype).to(ex.device) for n in draw_noises(seed, shape, config.NUM_STEPS)]
-            alphas = self.schedule.alphas_cumprod.to(ex.device)
+            alphas = self.schedule.alphas_cumprod_f64.to(ex.device)
 
         steps = tqdm(total=config.NUM_STEPS, desc="DiT", unit="step", disable=not progress)
         with times.stage("dit"), steps:

@@ -3,9 +3,9 @@
 Each step re-noises the running estimate to the step's noise level, asks the DiT for the velocity and takes
 the model's x0 estimate, exactly as the original's `diffusion_generate_renoise` does:
     x = √ᾱ_t·x + √(1-ᾱ_t)·n        (diffusers' add_noise: ᾱ cast to x's dtype)
-    x = √ᾱ_t·x − √(1-ᾱ_t)·v        (float32: ᾱ is a float32 tensor, so the result promotes to float32)
+    x = √ᾱ_t·x − √(1-ᾱ_t)·v        (float64: diffusers keeps ᾱ in float64, so the result promotes)
 The dtypes follow the original step by step, so the bf16 path reproduces its rounding: the start latent and
-the first re-noise are in the DiT dtype, every later update is float32, and the DiT always sees `x` cast to
+the first re-noise are in the DiT dtype, every later update is float64, and the DiT always sees `x` cast to
 its dtype. All noise is drawn up front from one seeded CPU generator (the original's order: the start
 latent, then one tensor per step), which makes the device-side loop free of host work and capturable in a
 CUDA graph.
@@ -35,10 +35,11 @@ def sample(
     alphas_cumprod: torch.Tensor,
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Run the steps on `executor.device`; returns the final latents [T, h, w, C] in float32.
+    """Run the steps on `executor.device`; returns the final latents [T, h, w, C] in `alphas_cumprod`'s dtype.
 
     `noises` are `draw_noises`' tensors already on the device in the DiT dtype (the original casts each
-    draw to bf16 before use); `alphas_cumprod` is the float32 schedule on the device.
+    draw to bf16 before use); `alphas_cumprod` is the schedule on the device, float64 like diffusers'. The
+    result is not rounded here: the VAE casts it straight to its dtype, as the original does.
     """
     if len(noises) != len(timesteps) + 1:
         raise ValueError(f"need {len(timesteps) + 1} noise tensors for {len(timesteps)} steps, got {len(noises)}")
@@ -52,4 +53,4 @@ def sample(
         x = alpha**0.5 * x - (1 - alpha) ** 0.5 * velocity
         if on_step is not None:
             on_step(step)
-    return x.float()
+    return x
