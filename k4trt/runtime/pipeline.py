@@ -136,9 +136,14 @@ class Pipeline:
             alphas = self.schedule.alphas_cumprod_f64.to(ex.device)
 
         steps = tqdm(total=config.NUM_STEPS, desc="DiT", unit="step", disable=not progress)
-        with times.stage("dit"), steps:
-            latents = sample(ex, text, rope, noises, self.schedule.timesteps(config.NUM_STEPS), alphas,
-                             on_step=lambda _: steps.update())
+
+        def on_step(step: int) -> None:
+            times.lap(f"dit step {step + 1}")
+            steps.update()
+
+        with steps:
+            times.mark()
+            latents = sample(ex, text, rope, noises, self.schedule.timesteps(config.NUM_STEPS), alphas, on_step)
 
         frames: list[torch.Tensor] = []
         chunks = tqdm(total=len(chunk_bounds(latent_t)), desc="VAE", unit="chunk", disable=not progress)

@@ -30,6 +30,7 @@ def synchronize(device: torch.device) -> None:
 class StageTimes:
     device: torch.device
     seconds: dict[str, float] = field(default_factory=dict)
+    _last: float = 0.0
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -41,6 +42,17 @@ class StageTimes:
         finally:
             synchronize(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def mark(self) -> None:
+        """Start a sequence of laps (per-step times recorded from inside a loop's callback)."""
+        synchronize(self.device)
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
 
     @property
     def total(self) -> float:
