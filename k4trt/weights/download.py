@@ -1,0 +1,69 @@
+"""`k4trt weights download DIR`: fetch the released files into the original's layout (about 40 GB).
+
+The DiT comes from ai-forever/kandinsky-4-t2v-flash; VAE, T5, tokenizer and scheduler from
+THUDM/CogVideoX-5b, exactly the files the original implementation downloads. huggingface_hub resumes
+interrupted downloads and skips files already present, so running the command again is the fix for a
+partial folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from k4trt.errors import K4TRTError
+from k4trt.weights.layout import DIT_FILE, WeightsFolder
+
+DIT_REPO = "ai-forever/kandinsky-4-t2v-flash"
+COGVIDEOX_REPO = "THUDM/CogVideoX-5b"
+COGVIDEOX_PATTERNS = ["vae/*", "text_encoder/*", "tokenizer/*", "scheduler/*"]
+
+
+def download(dest: Path | str) -> WeightsFolder:
+    """Download into `dest` (created if needed) and check the result is complete."""
+    import huggingface_hub as hub
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise K4TRTError(f"{dest} is a file; pass a folder to download the weights into")
+    network = (HfHubHTTPError, EntryNotFoundError, ConnectionError, TimeoutError, *_transport_errors())
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        hub.hf_hub_download(DIT_REPO, DIT_FILE, local_dir=dest)
+        hub.snapshot_download(COGVIDEOX_REPO, allow_patterns=COGVIDEOX_PATTERNS, local_dir=dest)
+    except network as e:
+        raise K4TRTError(
+            f"could not reach Hugging Face ({_reason(e)}); check your connection and run "
+            f"`k4trt weights download {dest}` again, or copy an existing weights folder to {dest}"
+        ) from None
+    except OSError as e:
+        raise K4TRTError(f"could not write the weights to {dest} ({_reason(e)}); free disk space "
+                         "(about 40 GB is needed) or choose another folder") from None
+    # Offline, snapshot_download returns an existing folder without error, so check what actually arrived.
+    folder = WeightsFolder(dest)
+    problems = folder.problems()
+    if problems:
+        raise K4TRTError(
+            f"the download into {dest} is incomplete ({'; '.join(problems)}); check your connection and run "
+            f"`k4trt weights download {dest}` again (it resumes)"
+        )
+    return folder
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's error base, whichever client this huggingface_hub talks through (requests before
+    1.0, httpx, now httpx2); a connection that fails mid-transfer surfaces as one of these."""
+    found = []
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
