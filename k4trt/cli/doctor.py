@@ -1,0 +1,180 @@
+"""`k4trt doctor`: one line per prerequisite, "OK ..." or "FIX ...: <what to run>", so a user sees at once why
+the fast path would not work on this machine. Every check is independent and none can raise: a broken
+check is itself reported as a FIX line, never as a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.metadata
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+_Line = tuple[bool, str]
+
+GIB = 1 << 30
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("doctor", help="check GPU, drivers, TensorRT, weights and engines",
+                              description="Print OK or FIX (with the command that fixes it) for each prerequisite.")
+    p.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder (default: ./weights)")
+    p.add_argument("--engines", type=Path, default=Path("engines"), help="engines folder (default: ./engines)")
+    p.set_defaults(command=lambda args: doctor(args.weights, args.engines))
+
+
+def doctor(weights_dir: Path, engines_dir: Path, out: Callable[[str], None] = print) -> int:
+    """Print every check's lines; 0 when all are OK, 1 when anything needs fixing."""
+    checks: list[tuple[str, Callable[[], list[_Line]]]] = [
+        ("Python/PyTorch", _python_torch),
+        ("GPU", _gpu),
+        ("driver", _driver),
+        ("TensorRT", _tensorrt),
+        ("weights", lambda: _weights(weights_dir)),
+        ("engines", lambda: _engines(engines_dir, weights_dir)),
+    ]
+    failed = False
+    for name, check in checks:
+        try:
+            lines = check()
+        except Exception as e:  # a doctor must report, not crash
+            lines = [(False, f"the {name} check itself failed ({type(e).__name__}: {e}): please report this as a bug")]
+        for ok, text in lines:
+            out(f"{'OK' if ok else 'FIX'} {text}")
+            failed |= not ok
+    return 1 if failed else 0
+
+
+def _python_torch() -> list[_Line]:
+    import torch
+
+    python = platform.python_version()
+    if sys.version_info < (3, 10):
+        return [(False, f"Python {python} is too old: install Python 3.10 or newer")]
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    return [(True, f"Python {python}"), (True, f"PyTorch {torch.__version__} ({build})")]
+
+
+def _gpu() -> list[_Line]:
+    import torch
+
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return [(False, "no CUDA GPU: this PyTorch is a CPU-only build; on a GPU machine install a CUDA build: "
+                            "pip install torch --index-url https://download.pytorch.org/whl/cu128")]
+        return [(False, "no CUDA GPU visible to PyTorch (TensorRT needs one): check `nvidia-smi` and CUDA_VISIBLE_DEVICES; "
+                        "without a GPU only `k4trt run --backend torch --device cpu` works")]
+    lines: list[_Line] = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        cc = (props.major, props.minor)
+        text = f"GPU {index}: {props.name}, compute capability {cc[0]}.{cc[1]}, {props.total_memory / GIB:.1f} GiB"
+        if cc < (8, 0):
+            lines.append((False, f"{text}: bf16 engines need compute capability 8.0+ (Ampere or newer): use another GPU"))
+        elif cc < (8, 9):
+            lines.append((False, f"{text}: no FP8 tensor cores (needs 8.9+, Ada/Hopper): build-engines --precision bf16"))
+        else:
+            lines.append((True, text))
+    return lines
+
+
+def _driver() -> list[_Line]:
+    import torch
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return [(False, "NVIDIA driver not found (libcuda.so.1 cannot be loaded): install the NVIDIA driver "
+                        "(https://www.nvidia.com/drivers)")]
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return [(False, "the NVIDIA driver does not answer (cuDriverGetVersion failed): reinstall the driver, "
+                        "then check `nvidia-smi`")]
+    supports = (version.value // 1000, version.value % 1000 // 10)
+    text = f"NVIDIA driver {_driver_release() or '(release unknown)'} supports CUDA {supports[0]}.{supports[1]}"
+    if torch.version.cuda is None:
+        return [(True, text)]
+    runtime = tuple(int(p) for p in torch.version.cuda.split(".")[:2])
+    if runtime > supports:
+        return [(False, f"{text}, but PyTorch uses the CUDA {torch.version.cuda} runtime: update the NVIDIA driver "
+                        "(https://www.nvidia.com/drivers)")]
+    return [(True, f"{text}; PyTorch's CUDA runtime is {torch.version.cuda}")]
+
+
+def _driver_release() -> str | None:
+    """The driver's release number (e.g. 550.54.15) from NVML, which ships with every Linux driver."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        buffer = ctypes.create_string_buffer(96)
+        ok = nvml.nvmlSystemGetDriverVersion(buffer, ctypes.c_uint(len(buffer))) == 0
+        nvml.nvmlShutdown()
+    except (OSError, AttributeError):
+        return None
+    return buffer.value.decode() if ok else None
+
+
+def _tensorrt() -> list[_Line]:
+    from k4trt.engine.trt_api import MISSING, tensorrt_version
+
+    version = tensorrt_version()
+    lines = [(True, f"TensorRT {version}") if version else (False, MISSING)]
+    try:
+        lines.append((True, f"polygraphy {importlib.metadata.version('polygraphy')}"))
+    except importlib.metadata.PackageNotFoundError:
+        lines.append((False, "polygraphy is not installed (build-engines needs it): pip install 'k4trt[trt]'"))
+    return lines
+
+
+def _weights(weights_dir: Path) -> list[_Line]:
+    try:
+        from k4trt.weights.layout import WeightsFolder
+    except ImportError as e:
+        return [(False, f"cannot check weights ({e}): reinstall k4trt: pip install -e .")]
+    problems = WeightsFolder(weights_dir).problems()
+    fix = f"k4trt weights download {weights_dir}"
+    return [(False, f"{problem}: {fix}") for problem in problems] or [(True, f"weights in {weights_dir}")]
+
+
+def _engines(engines_dir: Path, weights_dir: Path) -> list[_Line]:
+    from k4trt.engine.fingerprint import sha256_file
+    from k4trt.engine.gpu import current_gpu
+    from k4trt.engine.layout import MANIFEST, rebuild_command
+    from k4trt.engine.manifest import check_compatible, plan_problem, read_manifest
+    from k4trt.engine.trt_api import tensorrt_version
+    from k4trt.errors import K4TRTError
+
+    build = rebuild_command(engines_dir, str(weights_dir), extra="")
+    try:
+        manifest = read_manifest(engines_dir)
+    except K4TRTError as e:
+        return [(False, str(e))]
+    if manifest is None:
+        return [(False, f"no engines in {engines_dir} (no {MANIFEST}): {build}")]
+    lines: list[_Line] = []
+    missing = [p for p in ("vae_head.plan", "vae_body.plan") if p not in manifest.engines]
+    if not any(record.graph == "dit" for record in manifest.engines.values()):
+        missing.insert(0, "a DiT plan")
+    if missing:
+        lines.append((False, f"{engines_dir} lacks {', '.join(missing)}: {build}"))
+    version, gpu = tensorrt_version(), current_gpu()
+    if version is not None and gpu is not None:
+        try:
+            check_compatible(manifest, version, gpu, engines_dir)
+        except K4TRTError as e:
+            lines.append((False, str(e)))
+    rebuild = manifest.rebuild_command(engines_dir)
+    for plan, record in sorted(manifest.engines.items()):
+        problem = plan_problem(engines_dir, plan, record)
+        if problem is None and record.plan is not None and sha256_file(engines_dir / plan) != record.plan.sha256:
+            problem = f"{engines_dir / plan} differs from the plan that was built (SHA-256 mismatch)"
+        if problem:
+            lines.append((False, f"{problem}: {rebuild}"))
+        else:
+            shapes = ", ".join(f"{name} {r.min}..{r.max}" for name, r in record.profile.items() if name in ("x", "z"))
+            lines.append((True, f"{plan} ({record.precision}, built with TensorRT {manifest.tensorrt_version} for "
+                                f"{manifest.gpu.name}; {shapes})"))
+    return lines

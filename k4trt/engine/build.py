@@ -1,0 +1,225 @@
+"""ONNX -> TensorRT plan for one graph: strongly typed, one optimization profile, shared timing cache.
+
+The plan and the timing cache are written only after TensorRT succeeded, each through `atomic_path`, so an
+interrupted or failed build leaves the previous files (or none) and never a partial plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from k4trt.engine.layout import check_precision, rebuild_command
+from k4trt.engine.manifest import PlanFile
+from k4trt.engine.profiles import ShapeRange, derive_ranges, to_profile
+from k4trt.engine.trt_api import error_recorder, is_out_of_memory, recorded_errors, require_tensorrt
+from k4trt.errors import K4TRTError
+from k4trt.fsutil import atomic_path, check_writable_dir
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+
+def build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    shapes: Mapping[str, Sequence[Sequence[int]]],
+    timing_cache: Path,
+    precision: str,
+    *,
+    opt_case: int | None = None,
+    optimization_level: int = 3,
+    workspace_bytes: int | None = None,
+) -> PlanFile:
+    """Build `plan_path` from `onnx_path` for every case in `shapes` (see `profiles.derive_ranges`).
+
+    `precision` is what the ONNX must carry (fp8: FP8 Q/DQ nodes; bf16: none): in a strongly typed network
+    the graph, not a builder flag, decides precision, so this only guards against a mislabelled file.
+    `timing_cache` is read if present and rewritten with what this build measured, so later builds (other
+    graphs, other shape sets) skip re-timing the same tactics. `optimization_level` is TensorRT's builder
+    optimization level (0-5, default 3); `workspace_bytes` caps the workspace pool (default: TensorRT's,
+    the whole GPU).
+    """
+    require_tensorrt()
+    check_precision(precision)
+    ranges = derive_ranges(shapes, opt_case)
+    _check_onnx_precision(onnx_path, precision)
+    check_writable_dir(plan_path.parent, "build-engines")
+    progress = BuildProgress(plan_path.name)
+    with _cancel_on_interrupt(progress):
+        plan, cache = _serialize(onnx_path, plan_path, ranges, timing_cache, optimization_level, workspace_bytes, progress)
+    with atomic_path(timing_cache) as tmp:
+        tmp.write_bytes(cache)
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(plan)
+    progress.finish()
+    return PlanFile(size=plan.nbytes, sha256=hashlib.sha256(plan).hexdigest())
+
+
+def _serialize(
+    onnx_path: Path,
+    plan_path: Path,
+    ranges: Mapping[str, ShapeRange],
+    timing_cache: Path,
+    optimization_level: int,
+    workspace_bytes: int | None,
+    progress: BuildProgress,
+) -> tuple[memoryview, memoryview]:
+    """Parse, configure and build; returns (serialized plan, serialized timing cache), as views of TensorRT's
+    host memory so a multi-GB plan is not copied before it is written.
+
+    TensorRT Developer Guide: "Strongly Typed Networks" (the only mode in TensorRT 11; the ONNX carries bf16
+    tensors and FP8 Q/DQ, so no precision flags are set), "Working with Dynamic Shapes" > "Optimization
+    Profiles", "Optimizing Builder Performance" > "Timing Cache", and the IProgressMonitor / IErrorRecorder
+    interfaces ("How TensorRT Works" > "Error Handling and Logging").
+    """
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath
+    from polygraphy.exception import PolygraphyException
+
+    again = rebuild_command(plan_path.parent)
+    try:
+        builder, network, _parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
+    except PolygraphyException as e:
+        raise K4TRTError(f"TensorRT cannot parse {onnx_path} ({_first_line(e)}); export it again: {again}") from None
+    recorder = error_recorder()
+    builder.error_recorder = recorder
+    monitor = _progress_monitor(progress)
+    pools = {trt.MemoryPoolType.WORKSPACE: workspace_bytes} if workspace_bytes is not None else None
+    with contextlib.ExitStack() as stack:
+        # An open file rather than the path: given a path, polygraphy leaves a `timing.cache.lock` behind.
+        cache_file = stack.enter_context(open(timing_cache, "rb")) if timing_cache.is_file() else None
+        config = CreateConfig(
+            profiles=[to_profile(ranges)],
+            load_timing_cache=cache_file,
+            builder_optimization_level=optimization_level,
+            memory_pool_limits=pools,
+            progress_monitor=monitor,
+        )(builder, network)
+    host_plan = builder.build_serialized_network(network, config)
+    if progress.cancelled:
+        raise KeyboardInterrupt
+    if host_plan is None:
+        errors = recorded_errors(recorder)
+        if is_out_of_memory(errors):
+            workspace = " or a smaller workspace limit" if workspace_bytes is not None else ""
+            raise K4TRTError(
+                f"building {plan_path.name} ran out of GPU memory; build for fewer or smaller --sizes, a shorter "
+                f"--max-duration{workspace}, and close other programs using the GPU ({errors[-1]})"
+            )
+        detail = errors[-1] if errors else "no error was reported"
+        raise K4TRTError(f"TensorRT could not build {plan_path.name} from {onnx_path.name} ({detail}); "
+                         f"check the ONNX export, then: {again}")
+    return memoryview(host_plan), memoryview(config.get_timing_cache().serialize())
+
+
+def _check_onnx_precision(onnx_path: Path, precision: str) -> None:
+    """fp8 graphs carry (De)QuantizeLinear nodes around the DiT's Linear layers; bf16 graphs carry none."""
+    import onnx
+
+    if not onnx_path.is_file():
+        raise K4TRTError(f"{onnx_path} does not exist; export it first: {rebuild_command(onnx_path.parent)}")
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    quantized = any(node.op_type.endswith("QuantizeLinear") for node in graph.node)
+    if quantized != (precision == "fp8"):
+        found = "FP8 quantization" if quantized else "no FP8 quantization"
+        again = rebuild_command(onnx_path.parent, extra=f"--precision {precision} --force")
+        raise K4TRTError(f"{onnx_path} carries {found}, but precision {precision} was asked for; export it again "
+                         f"with the precision you want: {again}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class BuildProgress:
+    """Turns TensorRT's nested phase/step callbacks into a status line every `interval` seconds, so a build
+    that runs for tens of minutes visibly advances. Thread-safe: TensorRT may report from worker threads."""
+
+    def __init__(self, label: str, interval: float = 30.0, out: TextIO | None = None) -> None:
+        self.label = label
+        self.interval = interval
+        self.out = out if out is not None else sys.stderr
+        self.cancelled = False
+        self._lock = threading.Lock()
+        self._start = time.monotonic()
+        self._last = self._start
+        self._phases: dict[str, tuple[int, int]] = {}  # open phases, outermost first: name -> (done, steps)
+        self._emit("building (this can take a while)")
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        with self._lock:
+            self._phases[phase_name] = (0, num_steps)
+            if parent_phase is None:
+                self._emit(f"{phase_name} ...")
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        """Returns False once the user asked to stop, which TensorRT takes as a request to cancel the build."""
+        with self._lock:
+            if phase_name in self._phases:
+                self._phases[phase_name] = (step + 1, self._phases[phase_name][1])
+            if time.monotonic() - self._last >= self.interval:
+                self._emit(" > ".join(f"{name} {done}/{total}" for name, (done, total) in self._phases.items()))
+            return not self.cancelled
+
+    def phase_finish(self, phase_name: str) -> None:
+        with self._lock:
+            self._phases.pop(phase_name, None)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._emit("done")
+
+    def _emit(self, text: str) -> None:
+        self._last = time.monotonic()
+        print(f"[{self.label} {self._last - self._start:6.0f} s] {text}", file=self.out, flush=True)
+
+
+def _progress_monitor(progress: BuildProgress) -> trt.IProgressMonitor:
+    """An IProgressMonitor (TensorRT Python API, "IProgressMonitor") forwarding to `progress`; TensorRT keeps
+    only a raw pointer, so the caller holds the returned object until the build ends."""
+    import tensorrt as trt
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str, num_steps: int) -> None:
+            progress.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return progress.step_complete(phase_name, step)
+
+        def phase_finish(self, phase_name: str) -> None:
+            progress.phase_finish(phase_name)
+
+    return _Monitor()
+
+
+@contextlib.contextmanager
+def _cancel_on_interrupt(progress: BuildProgress) -> Iterator[None]:
+    """While TensorRT builds, Ctrl-C marks the build cancelled (the monitor then asks TensorRT to stop) instead
+    of raising inside a TensorRT callback; the build then ends with KeyboardInterrupt and writes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        progress.cancelled = True
+        print(f"[{progress.label}] interrupted: stopping the build ...", file=progress.out, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if progress.cancelled:
+        raise KeyboardInterrupt

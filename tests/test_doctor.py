@@ -1,0 +1,104 @@
+"""`k4trt doctor` prints only OK/FIX lines, never raises, and its exit code says whether anything needs fixing."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import pytest
+
+from k4trt.cli import doctor as doctor_mod
+from k4trt.cli.doctor import doctor
+from k4trt.config import DiTConfig
+from k4trt.engine.gpu import GpuInfo
+from k4trt.engine.manifest import EngineRecord, Manifest, PlanFile, write_manifest
+from k4trt.engine.profiles import ShapeRange
+
+
+def run(weights, engines) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    return doctor(weights, engines, out=lines.append), lines
+
+
+def test_runs_without_tensorrt_and_prints_only_ok_or_fix_lines(tmp_path):
+    code, lines = run(tmp_path / "weights", tmp_path / "engines")
+    assert lines and all(line.startswith(("OK ", "FIX ")) for line in lines)
+    assert any(line.startswith("OK Python ") for line in lines)
+    assert code == (1 if any(line.startswith("FIX") for line in lines) else 0)
+    fixes = [line for line in lines if line.startswith("FIX")]
+    weights, engines = tmp_path / "weights", tmp_path / "engines"
+    assert f"FIX no engines in {engines} (no manifest.json): build-engines --weights {weights} --out {engines}" in lines
+    assert any("k4trt weights download" in line for line in fixes)
+    assert all(": " in line for line in fixes)  # every FIX says what to run
+
+
+def test_without_tensorrt_the_fix_is_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setattr("k4trt.engine.trt_api.tensorrt_version", lambda: None)
+    _, lines = run(tmp_path, tmp_path)
+    assert "FIX TensorRT is not installed: pip install 'k4trt[trt]' (needs an NVIDIA GPU with CUDA 12+)" in lines
+
+
+def test_a_crashing_check_becomes_a_fix_line(tmp_path, monkeypatch):
+    def broken() -> list:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(doctor_mod, "_gpu", broken)
+    code, lines = run(tmp_path, tmp_path)
+    assert code == 1
+    assert "FIX the GPU check itself failed (RuntimeError: boom): please report this as a bug" in lines
+
+
+def test_weights_check_survives_a_missing_weights_module(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "k4trt.weights.layout", None)  # import now raises ImportError
+    _, lines = run(tmp_path, tmp_path)
+    assert any(line.startswith("FIX cannot check weights") and "pip install -e ." in line for line in lines)
+
+
+def _engines_folder(folder, plans: dict[str, bytes]) -> None:
+    record = EngineRecord("dit", "fp8", {}, {"x": ShapeRange((1, 8, 8, 16), (3, 8, 8, 16), (3, 8, 16, 16))}, {})
+    engines = {}
+    for name, data in plans.items():
+        (folder / name).write_bytes(data)
+        graph = name.split(".")[0]
+        engines[name] = EngineRecord(graph, record.precision if graph == "dit" else "bf16", {}, record.profile, {},
+                                     PlanFile(len(data), hashlib.sha256(data).hexdigest()))
+    write_manifest(folder, Manifest("10.13.0.35", GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 1), "/w", {}, DiTConfig(),
+                                    0.7, engines))
+
+
+def test_engines_are_checked_against_the_manifest(tmp_path):
+    _engines_folder(tmp_path, {"dit.fp8.plan": b"plan-a", "vae_head.plan": b"plan-b", "vae_body.plan": b"plan-c"})
+    _, lines = run(tmp_path, tmp_path)
+    assert any(line.startswith("OK dit.fp8.plan (fp8, built with TensorRT 10.13.0.35 for NVIDIA H100 80GB HBM3; "
+                               "x (1, 8, 8, 16)..(3, 8, 16, 16))") for line in lines)
+    (tmp_path / "vae_head.plan").write_bytes(b"plan-B")  # same size, other content
+    (tmp_path / "vae_body.plan").write_bytes(b"pl")  # truncated
+    _, lines = run(tmp_path, tmp_path)
+    assert any("vae_head.plan differs from the plan that was built (SHA-256 mismatch): "
+               "build-engines --weights /w --out" in line for line in lines)
+    assert any("vae_body.plan has 2 bytes but was written with 6 (truncated or replaced)" in line for line in lines)
+
+
+def test_missing_engines_in_the_manifest_are_named(tmp_path):
+    _engines_folder(tmp_path, {"vae_head.plan": b"h"})
+    _, lines = run(tmp_path, tmp_path)
+    assert any(line.startswith(f"FIX {tmp_path} lacks a DiT plan, vae_body.plan: build-engines") for line in lines)
+
+
+def test_broken_manifest_is_a_fix_line(tmp_path):
+    (tmp_path / "manifest.json").write_text("{")
+    _, lines = run(tmp_path, tmp_path)
+    assert any(line.startswith("FIX ") and "manifest.json is unreadable" in line for line in lines)
+
+
+@pytest.mark.parametrize("argv", [["doctor"], ["doctor", "--weights", "w", "--engines", "e"]])
+def test_cli_parser_wires_doctor(argv, monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    doctor_mod.add_parser(parser.add_subparsers(dest="name"))
+    seen = {}
+    monkeypatch.setattr(doctor_mod, "doctor", lambda w, e: seen.update(w=str(w), e=str(e)) or 0)
+    args = parser.parse_args(argv)
+    assert args.command(args) == 0
+    assert seen == ({"w": "weights", "e": "engines"} if len(argv) == 1 else {"w": "w", "e": "e"})
