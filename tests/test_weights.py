@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import torch
@@ -249,7 +250,7 @@ def test_download_http_error(monkeypatch, tmp_path):
 
     def forbidden(repo_id, **kwargs):
         # A stand-in for the HTTP client's response, whose class differs between hub versions.
-        response = SimpleNamespace(headers={}, request=None, status_code=403)
+        response = cast(Any, SimpleNamespace(headers={}, request=None, status_code=403))
         raise HfHubHTTPError("403 Forbidden: too many requests", response=response)
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: None)
