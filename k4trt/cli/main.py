@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from k4trt.cli import doctor as doctor_cmd
 from k4trt.cli import run as run_cmd
 from k4trt.cli import weights as weights_cmd
 from k4trt.cli.errors import run_cli
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
     run_cmd.add_parser(sub)
     weights_cmd.add_parser(sub)
+    doctor_cmd.add_parser(sub)
     return parser
 
 

@@ -32,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-latents", type=Path, metavar="FILE.npy", help="also save the final latents, float32 (T, H/8, W/8, 16)")
     p.add_argument("--save-frames", type=Path, metavar="FILE.npy", help="also save the frames, float32 (F, H, W, 3) in [0, 1]")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="also save the stage times as JSON")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="run the DiT loop and VAE chunks eagerly instead of replaying CUDA graphs (per-step times)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(command=run)
 
@@ -46,6 +48,18 @@ def _check_side_outputs(args: argparse.Namespace) -> None:
         check_writable_dir(path.parent.resolve(), f"{flag} {path}")
 
 
+def _check_size_before_loading(weights: Path, width: int, height: int) -> None:
+    """The released checkpoint only knows its trained sizes: say so before minutes of loading, not after.
+    Reading the checkpoint's shapes is cheap (memory-mapped, nothing is copied)."""
+    from k4trt.models.dit import infer_dit_config
+    from k4trt.weights.checkpoint import read_dit_state_dict
+    from k4trt.weights.layout import WeightsFolder
+
+    folder = WeightsFolder(weights).require()
+    released = infer_dit_config(read_dit_state_dict(folder.dit)) == config.RELEASED_DIT
+    config.check_size(width, height, released=released)
+
+
 def run(args: argparse.Namespace) -> int:
     from k4trt.runtime.pipeline import Pipeline, save_array
 
@@ -55,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
     width, height = config.parse_size(args.size)
     output = args.output or Path("k4trt.png" if seconds == 0 else "k4trt.mp4")
     _check_side_outputs(args)
+    _check_size_before_loading(args.weights, width, height)
 
-    pipe = Pipeline.from_pretrained(args.weights, backend=args.backend, device=args.device, engines=args.engines)
+    pipe = Pipeline.from_pretrained(args.weights, backend=args.backend, device=args.device, engines=args.engines,
+                                    cuda_graph=not args.no_cuda_graph)
     result = pipe.generate(args.prompt, seed=args.seed, seconds=seconds, width=width, height=height, output=output,
                            keep_frames=args.save_frames is not None, progress=not args.no_progress)
     if args.save_latents:

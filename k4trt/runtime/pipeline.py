@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from k4trt.fsutil import atomic_path
 from k4trt.models.dit import build_rope
 from k4trt.models.scheduler import Schedule
 from k4trt.models.text import TextEncoder
+from k4trt.runtime.cuda_graph import CudaGraphRunner
 from k4trt.runtime.executor import Executor
 from k4trt.runtime.report import StageTimes
 from k4trt.runtime.sampler import draw_noises, sample
@@ -65,7 +67,7 @@ def make_executor(
 @dataclass
 class Generation:
     seed: int
-    latents: torch.Tensor  # float32 [T, H/8, W/8, 16] on the CPU
+    latents: torch.Tensor  # float64 [T, H/8, W/8, 16] on the CPU, as the original's sampler leaves them
     frames: torch.Tensor | None  # float32 [F, H, W, 3] in [0, 1], when asked for
     times: StageTimes
     path: Path | None
@@ -74,11 +76,32 @@ class Generation:
 class Pipeline:
     """Kandinsky 4.0 T2V Flash. `Pipeline.from_pretrained("weights/", backend="torch")(text="a cat")`."""
 
-    def __init__(self, text_encoder: TextEncoder, executor: Executor, schedule: Schedule, released: bool) -> None:
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        executor: Executor,
+        schedule: Schedule,
+        released: bool,
+        cuda_graph: bool = True,
+    ) -> None:
         self.text_encoder = text_encoder
         self.executor = executor
         self.schedule = schedule
         self.released = released
+        self._timesteps = schedule.timesteps(config.NUM_STEPS)
+        self._alphas = schedule.alphas_cumprod_f64.to(executor.device)
+        # One graph for the whole 4-step loop and one for a VAE body chunk (every chunk after the first has
+        # the same shapes, so a single video already replays it). CPU executors always run eagerly.
+        self._loop = CudaGraphRunner(self._denoise, enabled=cuda_graph)
+        self._vae_body = CudaGraphRunner(self._decode_body, enabled=cuda_graph)
+        self._on_step: Callable[[int], None] | None = None
+
+    def _denoise(self, text: torch.Tensor, rope: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
+        return sample(self.executor, text, rope, noises, self._timesteps, self._alphas, self._on_step)
+
+    def _decode_body(self, z: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        frames, caches_out = self.executor.vae_chunk(z, caches)
+        return (frames, *caches_out)
 
     @classmethod
     def from_pretrained(
@@ -87,6 +110,7 @@ class Pipeline:
         backend: str = "torch",
         device: str | torch.device | None = None,
         engines: str | Path | None = None,
+        cuda_graph: bool = True,
     ) -> Pipeline:
         folder = WeightsFolder(weights)
         folder.require()
@@ -96,7 +120,7 @@ class Pipeline:
         executor = make_executor(backend, folder, Path(engines) if engines is not None else None, device)
         text_encoder = TextEncoder.from_pretrained(folder.text_encoder, folder.tokenizer, device, executor.dtype)
         released = executor.dit_config == config.RELEASED_DIT
-        return cls(text_encoder, executor, Schedule.from_config_dir(folder.scheduler), released)
+        return cls(text_encoder, executor, Schedule.from_config_dir(folder.scheduler), released, cuda_graph)
 
     def check_request(self, prompt: str, seconds: object, width: int, height: int, output: Path | None) -> int:
         """Every check that needs no model work, so bad input fails before anything runs or is written."""
@@ -133,22 +157,24 @@ class Pipeline:
         with times.stage("noise + rope"):
             rope = build_rope(ex.dit_config, *shape[:3], dtype=ex.dtype, device=ex.device)
             noises = [n.to(ex.dtype).to(ex.device) for n in draw_noises(seed, shape, config.NUM_STEPS)]
-            alphas = self.schedule.alphas_cumprod_f64.to(ex.device)
 
         steps = tqdm(total=config.NUM_STEPS, desc="DiT", unit="step", disable=not progress)
-
-        def on_step(step: int) -> None:
-            times.lap(f"dit step {step + 1}")
-            steps.update()
-
         with steps:
             times.mark()
-            latents = sample(ex, text, rope, noises, self.schedule.timesteps(config.NUM_STEPS), alphas, on_step)
+            if self._loop.enabled and ex.device.type == "cuda":
+                # Inside a CUDA graph nothing on the host runs per step: one bar update, one time.
+                self._on_step = None
+                latents = self._loop(text, rope, *noises).clone()
+                times.lap("dit (4 steps, CUDA graph)")
+                steps.update(config.NUM_STEPS)
+            else:
+                self._on_step = lambda step: (times.lap(f"dit step {step + 1}"), steps.update())
+                latents = self._loop(text, rope, *noises)
 
         frames: list[torch.Tensor] = []
         chunks = tqdm(total=len(chunk_bounds(latent_t)), desc="VAE", unit="chunk", disable=not progress)
         with _writer(output, width, height) as writer, chunks:
-            decoded = decode_chunks(ex, latents)
+            decoded = decode_chunks(ex, latents, self._vae_body)
             while True:
                 with times.stage("vae"):
                     pixels = next(decoded, None)

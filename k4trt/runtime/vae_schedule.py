@@ -8,7 +8,7 @@ part of being faithful, not just a memory saving.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -38,11 +38,24 @@ def to_pixels(frames: torch.Tensor) -> torch.Tensor:
     return torch.clip((frames.float() + 1.0) / 2.0, 0.0, 1.0)[0].permute(1, 2, 3, 0)
 
 
-def decode_chunks(executor: Executor, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Yield float32 pixel frames [f, H, W, 3] chunk by chunk, so the video writer can stream them."""
-    z = latents_to_vae_input(latents, executor.vae_scaling_factor, executor.dtype)
-    caches = None
-    for start, end in chunk_bounds(z.shape[2]):
-        frames, caches = executor.vae_chunk(z[:, :, start:end], caches)
-        yield to_pixels(frames)
+def decode_chunks(
+    executor: Executor,
+    latents: torch.Tensor,
+    body: Callable[..., Sequence[torch.Tensor]] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield float32 pixel frames [f, H, W, 3] chunk by chunk, so the video writer can stream them.
 
+    `body(z, *caches) -> (frames, *caches)` decodes every chunk after the first; the pipeline passes a CUDA
+    graph of `executor.vae_chunk` there (all body chunks share one shape). Default: the executor itself.
+    """
+    z = latents_to_vae_input(latents, executor.vae_scaling_factor, executor.dtype)
+    frames, caches = None, None
+    for start, end in chunk_bounds(z.shape[2]):
+        chunk = z[:, :, start:end]
+        if caches is None:
+            frames, caches = executor.vae_chunk(chunk, None)
+        elif body is None:
+            frames, caches = executor.vae_chunk(chunk, caches)
+        else:
+            frames, *caches = body(chunk, *caches)
+        yield to_pixels(frames)
