@@ -294,3 +294,17 @@ def test_download_refuses_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(K4TRTError, match="is a file"):
         download_module.download(tmp_path / "file")
+
+
+def test_original_rope_buffers_in_a_checkpoint_are_dropped(tmp_path):
+    """A state dict saved from the original's model may hold RoPE3D's angle buffers; they are recomputed."""
+    from k4trt.models.dit import DiT
+    from k4trt.weights.tiny import TINY_DIT
+
+    g = torch.Generator().manual_seed(5)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in DiT(TINY_DIT).state_dict().items()}
+    with_buffers = dict(state, **{f"rope_embeddings.args_{i}": torch.randn(128, 8) for i in range(3)})
+    torch.save(with_buffers, tmp_path / "ckpt.pt")
+    loaded = read_dit_state_dict(tmp_path / "ckpt.pt")
+    assert loaded.keys() == state.keys()
+    DiT.from_state_dict(loaded)  # strict load still passes

@@ -11,6 +11,10 @@ from k4trt.errors import K4TRTError
 
 _REFETCH = "download it again with `k4trt weights download DIR`"
 _ZIP_MAGIC = b"PK\x03\x04"
+# The original's RoPE3D registers its angle tables as buffers, so a state dict saved from its model may carry
+# them; it loads with strict=False and recomputes them anyway. k4trt recomputes them too (build_rope), so
+# they are dropped here and every other key is still checked strictly.
+_RECOMPUTED_PREFIX = "rope_embeddings."
 
 
 def read_dit_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
@@ -41,7 +45,7 @@ def read_dit_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
             f"DiT checkpoint {path} is not a plain state dict ({len(bad)} entries are not name → tensor, "
             f"e.g. {bad[0]!r}); {_REFETCH}"
         )
-    return state
+    return {k: v for k, v in state.items() if not k.startswith(_RECOMPUTED_PREFIX)}
 
 
 def sha256_file(path: Path | str, chunk_bytes: int = 16 << 20) -> str:
