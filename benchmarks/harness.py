@@ -86,7 +86,7 @@ def measure(name: str, settings: Settings, log: Log) -> dict:
         "notes": subject.notes,
         "load_s": {**subject.load_s, "total": load_total},
         "samples": samples,
-        "summary": _summary(samples),
+        "summary": stage_summary(samples),
         "memory": memory,
     }
 
@@ -123,7 +123,7 @@ def _not_measured(error: Exception) -> dict:
     return {"status": "failed", "error": f"{type(error).__name__}: {text[0]}" if text else type(error).__name__}
 
 
-def _summary(samples: dict[str, list[float]]) -> dict[str, dict]:
+def stage_summary(samples: dict[str, list[float]]) -> dict[str, dict]:
     """Per stage median/min/max, plus the DiT's four steps together when they were timed one by one."""
     steps = [stage for stage in samples if _STEP.fullmatch(stage)]
     summary = {}

@@ -2,9 +2,8 @@
 
 A run is the product's path — T5, the shared sampler over the executor, the shared VAE chunk schedule —
 composed from the same functions `Pipeline.generate` uses, so only the executor differs between backends.
-It stops at decoded frames on the device (no video encoding). The TensorRT backends and `torch-graph` drive
-the 4-step loop and the VAE chunks each as one CUDA graph, as DESIGN.md plans for the product; inside a
-graph the steps cannot be marked, so those runs report the DiT as one stage.
+It stops at decoded frames on the device (no video encoding). `Pipeline.generate` itself is not called
+because it times with a synchronise at every boundary and cannot mark each step with a device event.
 """
 
 from __future__ import annotations
@@ -112,7 +111,12 @@ def _schedule(settings: Settings) -> Schedule:
 
 
 class _Generation:
-    """Prompt -> decoded frames on the device, with a lap at the end of every stage."""
+    """Prompt -> decoded frames on the device, with a lap at the end of every stage.
+
+    Graph backends are driven as `Pipeline` drives them: the whole 4-step loop as one graph (its output
+    cloned out of the graph's buffer), the first VAE chunk eagerly, every later chunk by replaying one
+    graph of a body chunk.
+    """
 
     def __init__(self, settings: Settings, text_encoder: TextEncoder | models.RandomTextEncoder, executor: Executor,
                  graphs: bool) -> None:
@@ -121,20 +125,22 @@ class _Generation:
         self.settings, self.text_encoder, self.executor = settings, text_encoder, executor
         schedule = _schedule(settings)
         self.timesteps = schedule.timesteps(config.NUM_STEPS)
-        self.alphas = schedule.alphas_cumprod.to(executor.device)
+        self.alphas = schedule.alphas_cumprod_f64.to(executor.device)
         self.shape = (*settings.latent_shape, config.LATENT_CHANNELS)
         self.graphs = graphs
-        self.dit_loop = CudaGraphRunner(self._sample)
-        self.vae_chunks = CudaGraphRunner(self._decode_all)
+        self.loop = CudaGraphRunner(self._denoise, enabled=graphs)
+        self.vae_body = CudaGraphRunner(self._decode_body, enabled=graphs)
         self.notes: list[str] = []
         if graphs:
-            self.notes.append("4-step DiT loop and VAE chunks each replayed as one CUDA graph (steps not separable)")
+            self.notes.append("CUDA graphs: the 4-step DiT loop as one (steps not separable), VAE chunks after "
+                              "the first by replaying one")
 
-    def _sample(self, text: torch.Tensor, rope: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
+    def _denoise(self, text: torch.Tensor, rope: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
         return sample(self.executor, text, rope, noises, self.timesteps, self.alphas)
 
-    def _decode_all(self, latents: torch.Tensor) -> list[torch.Tensor]:
-        return list(decode_chunks(self.executor, latents))
+    def _decode_body(self, z: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        frames, caches_out = self.executor.vae_chunk(z, caches)
+        return (frames, *caches_out)
 
     def run(self, rec: Recorder) -> None:
         ex, s = self.executor, self.settings
@@ -144,27 +150,26 @@ class _Generation:
         rope = build_rope(ex.dit_config, *self.shape[:3], dtype=ex.dtype, device=ex.device)
         noises = [n.to(ex.dtype).to(ex.device) for n in draw_noises(s.seed, self.shape, config.NUM_STEPS)]
         rec.lap("prep")
-        if self.graphs:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                latents = self.dit_loop(text, rope, *noises)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            if self.graphs:
+                latents = self.loop(text, rope, *noises).clone()
                 rec.lap("dit")
-                self.vae_chunks(latents)
+            else:
+                latents = sample(ex, text, rope, noises, self.timesteps, self.alphas,
+                                 on_step=lambda step: rec.lap(f"dit step {step + 1}"))
+            for _ in decode_chunks(ex, latents, self.vae_body if self.graphs else None):
                 rec.lap("vae decode")
-            self._note_failed_capture(caught)
-            return
-        latents = sample(ex, text, rope, noises, self.timesteps, self.alphas,
-                         on_step=lambda step: rec.lap(f"dit step {step + 1}"))
-        for _ in decode_chunks(ex, latents):
-            rec.lap("vae decode")
+        self._note_failed_capture(caught)
 
     def _note_failed_capture(self, caught: list[warnings.WarningMessage]) -> None:
+        """The runner warns once when capture fails and runs eagerly from then on: say so in the result."""
         for warning in caught:
             note = f"measured eagerly: {warning.message}"
             if "CUDA graph" in str(warning.message) and note not in self.notes:
                 self.notes.append(note)
 
     def close(self) -> None:
-        self.dit_loop.reset()
-        self.vae_chunks.reset()
+        self.loop.reset()
+        self.vae_body.reset()
         self.executor.close()

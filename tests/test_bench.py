@@ -134,7 +134,7 @@ def test_graph_generation_reports_the_loop_as_one_stage():
     assert list(stages) == ["text encoder", "prep", "dit", "vae decode", "total"]
     samples = {k: [v] for k, v in stages.items()}
     assert harness.dit_step_median(samples) == pytest.approx(stages["dit"] / 4)
-    assert "dit" in harness._summary(samples)
+    assert "dit" in harness.stage_summary(samples)
 
 
 @pytest.mark.parametrize("kwargs, message", [
