@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from k4trt.cli import bench as bench_cmd
 from k4trt.cli import doctor as doctor_cmd
 from k4trt.cli import run as run_cmd
 from k4trt.cli import weights as weights_cmd
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_parser(sub)
     weights_cmd.add_parser(sub)
     doctor_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     return parser
 
 
