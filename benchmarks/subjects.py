@@ -1,9 +1,7 @@
 """The k4trt backends as benchmark subjects: load once, then run whole generations with stage marks.
 
-A run is the product's path — T5, the shared sampler over the executor, the shared VAE chunk schedule —
-composed from the same functions `Pipeline.generate` uses, so only the executor differs between backends.
-It stops at decoded frames on the device (no video encoding). `Pipeline.generate` itself is not called
-because it times with a synchronise at every boundary and cannot mark each step with a device event.
+A run is the product's own `Pipeline.generate` with the harness's recorder, so only the executor differs
+between backends. It stops at decoded frames on the device (no video file is written).
 """
 
 from __future__ import annotations
@@ -18,11 +16,9 @@ import torch
 from k4trt import config
 from k4trt.engine.trt_api import require_tensorrt
 from k4trt.errors import K4TRTError
-from k4trt.models.dit import build_rope
 from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG, Schedule
 from k4trt.runtime.executor import Executor
-from k4trt.runtime.sampler import draw_noises, sample
-from k4trt.runtime.vae_schedule import decode_chunks
+from k4trt.runtime.pipeline import Pipeline
 from k4trt.weights.layout import WeightsFolder
 
 from benchmarks import models
@@ -111,55 +107,25 @@ def _schedule(settings: Settings) -> Schedule:
 
 
 class _Generation:
-    """Prompt -> decoded frames on the device, with a lap at the end of every stage.
-
-    Graph backends are driven as `Pipeline` drives them: the whole 4-step loop as one graph (its output
-    cloned out of the graph's buffer), the first VAE chunk eagerly, every later chunk by replaying one
-    graph of a body chunk.
-    """
+    """One whole generation through `Pipeline.generate` — T5, the shared sampler over the executor, the shared
+    VAE chunk schedule, CUDA graphs where the backend uses them — stopping at decoded frames (no file)."""
 
     def __init__(self, settings: Settings, text_encoder: TextEncoder | models.RandomTextEncoder, executor: Executor,
                  graphs: bool) -> None:
-        from k4trt.runtime.cuda_graph import CudaGraphRunner
-
-        self.settings, self.text_encoder, self.executor = settings, text_encoder, executor
-        schedule = _schedule(settings)
-        self.timesteps = schedule.timesteps(config.NUM_STEPS)
-        self.alphas = schedule.alphas_cumprod_f64.to(executor.device)
-        self.shape = (*settings.latent_shape, config.LATENT_CHANNELS)
-        self.graphs = graphs
-        self.loop = CudaGraphRunner(self._denoise, enabled=graphs)
-        self.vae_body = CudaGraphRunner(self._decode_body, enabled=graphs)
+        self.settings = settings
+        released = executor.dit_config == config.RELEASED_DIT
+        self.pipeline = Pipeline(text_encoder, executor, _schedule(settings), released, cuda_graph=graphs)  # type: ignore[arg-type]
         self.notes: list[str] = []
         if graphs:
             self.notes.append("CUDA graphs: the 4-step DiT loop as one (steps not separable), VAE chunks after "
                               "the first by replaying one")
 
-    def _denoise(self, text: torch.Tensor, rope: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
-        return sample(self.executor, text, rope, noises, self.timesteps, self.alphas)
-
-    def _decode_body(self, z: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        frames, caches_out = self.executor.vae_chunk(z, caches)
-        return (frames, *caches_out)
-
     def run(self, rec: Recorder) -> None:
-        ex, s = self.executor, self.settings
-        rec.start()
-        text = self.text_encoder.encode(s.prompt).to(ex.dtype)
-        rec.lap("text encoder")
-        rope = build_rope(ex.dit_config, *self.shape[:3], dtype=ex.dtype, device=ex.device)
-        noises = [n.to(ex.dtype).to(ex.device) for n in draw_noises(s.seed, self.shape, config.NUM_STEPS)]
-        rec.lap("prep")
+        s = self.settings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
-            if self.graphs:
-                latents = self.loop(text, rope, *noises).clone()
-                rec.lap("dit")
-            else:
-                latents = sample(ex, text, rope, noises, self.timesteps, self.alphas,
-                                 on_step=lambda step: rec.lap(f"dit step {step + 1}"))
-            for _ in decode_chunks(ex, latents, self.vae_body if self.graphs else None):
-                rec.lap("vae decode")
+            self.pipeline.generate(s.prompt, seed=s.seed, seconds=s.seconds, width=s.width, height=s.height,
+                                   progress=False, recorder=rec)
         self._note_failed_capture(caught)
 
     def _note_failed_capture(self, caught: list[warnings.WarningMessage]) -> None:
@@ -170,6 +136,4 @@ class _Generation:
                 self.notes.append(note)
 
     def close(self) -> None:
-        self.loop.reset()
-        self.vae_body.reset()
-        self.executor.close()
+        self.pipeline.close()

@@ -1,9 +1,8 @@
-"""Stage boundaries on the device's own timeline, and the statistics of repeated runs.
+"""The statistics of repeated runs, and how they were timed.
 
-On a GPU each boundary is a CUDA event recorded on the current stream: recording does not wait, so the
-stages run back to back as they do in production and the events give device time between boundaries. On the
-CPU there are no device events, so a boundary is the wall clock after synchronising the device (for CPU
-tensors the ops are synchronous and the synchronise is a no-op). The method is stored with every result.
+Stage boundaries are marked by `k4trt.runtime.report.Recorder`, the clock `k4trt run` uses too: CUDA events
+on a GPU (device time between boundaries, stages back to back as in production), wall clock after a
+synchronise on the CPU. The method is stored with every result.
 """
 
 from __future__ import annotations
@@ -11,12 +10,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import TypeVar, Union
+from typing import TypeVar
 
 import torch
 
+from k4trt.runtime.report import Recorder, synchronize
+
+__all__ = ["CUDA_EVENTS", "WALL_CLOCK", "Recorder", "format_seconds", "summarize", "timed", "timer_method"]
+
 T = TypeVar("T")
-Mark = Union[float, torch.cuda.Event]  # a wall-clock reading or a recorded event
 
 CUDA_EVENTS = "cuda events"
 WALL_CLOCK = "wall clock + synchronize"
@@ -24,57 +26,6 @@ WALL_CLOCK = "wall clock + synchronize"
 
 def timer_method(device: torch.device) -> str:
     return CUDA_EVENTS if device.type == "cuda" else WALL_CLOCK
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Recorder:
-    """`start()`, then `lap(stage)` at the end of each stage; a stage lapped more than once (the VAE, once per
-    chunk) adds up. `stages()` waits for the device and returns seconds per stage plus `total`."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._start: Mark | None = None
-        self._laps: list[tuple[str, Mark]] = []
-
-    def _now(self) -> Mark:
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        synchronize(self.device)
-        return time.perf_counter()
-
-    @staticmethod
-    def _seconds(a: Mark, b: Mark) -> float:
-        if isinstance(a, torch.cuda.Event) and isinstance(b, torch.cuda.Event):
-            return a.elapsed_time(b) / 1e3
-        if isinstance(a, float) and isinstance(b, float):
-            return b - a
-        raise TypeError("marks of one recorder are all CUDA events or all clock readings")
-
-    def start(self) -> None:
-        self._start, self._laps = self._now(), []
-
-    def lap(self, stage: str) -> None:
-        if self._start is None:
-            raise RuntimeError("Recorder.lap before start")
-        self._laps.append((stage, self._now()))
-
-    def stages(self) -> dict[str, float]:
-        if self._start is None or not self._laps:
-            raise RuntimeError("Recorder.stages needs start() and at least one lap()")
-        synchronize(self.device)
-        seconds: dict[str, float] = {}
-        before = self._start
-        for stage, after in self._laps:
-            seconds[stage] = seconds.get(stage, 0.0) + self._seconds(before, after)
-            before = after
-        seconds["total"] = self._seconds(self._start, before)
-        return seconds
 
 
 def summarize(samples: list[float]) -> dict[str, float | int]:

@@ -76,7 +76,7 @@ def test_report_json(tiny_weights, tmp_path, capsys):
                       str(tmp_path / "v.mp4"), "--report", str(report)], capsys)
     assert code == 0
     data = json.loads(report.read_text())
-    assert {"text encoder", "dit step 1", "dit step 4", "vae", "video encode"} <= set(data["stages_s"])
+    assert {"text encoder", "dit step 1", "dit step 4", "vae decode", "video encode", "total"} <= set(data["stages_s"])
     assert data["original_s"] == 11.0 and data["settings"]["duration_s"] == 1
 
 

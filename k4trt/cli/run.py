@@ -62,6 +62,7 @@ def _check_size_before_loading(weights: Path, width: int, height: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from k4trt.runtime.pipeline import Pipeline, save_array
+    from k4trt.runtime.report import format_table, save_report
 
     if not args.prompt.strip():
         raise K4TRTError("the prompt is empty; describe the video to generate")
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {"prompt": args.prompt, "seed": result.seed, "duration_s": seconds, "width": width, "height": height,
                 "backend": args.backend, "device": str(pipe.executor.device)}
     if args.report:
-        result.times.save(args.report, settings)
+        save_report(args.report, result.stages, settings)
     print(f"wrote {output} ({config.video_frames(config.latent_frames(seconds))} frames, seed {result.seed})")
-    print(result.times.table())
+    print(format_table(result.stages))
     return 0

@@ -23,7 +23,7 @@ from k4trt.models.scheduler import Schedule
 from k4trt.models.text import TextEncoder
 from k4trt.runtime.cuda_graph import CudaGraphRunner
 from k4trt.runtime.executor import Executor
-from k4trt.runtime.report import StageTimes
+from k4trt.runtime.report import Recorder
 from k4trt.runtime.sampler import draw_noises, sample
 from k4trt.runtime.vae_schedule import chunk_bounds, decode_chunks
 from k4trt.runtime.video import FrameWriter, check_output_path
@@ -69,7 +69,7 @@ class Generation:
     seed: int
     latents: torch.Tensor  # float64 [T, H/8, W/8, 16] on the CPU, as the original's sampler leaves them
     frames: torch.Tensor | None  # float32 [F, H, W, 3] in [0, 1], when asked for
-    times: StageTimes
+    stages: dict[str, float]  # seconds per stage, and total
     path: Path | None
 
 
@@ -143,56 +143,59 @@ class Pipeline:
         output: str | Path | None = None,
         keep_frames: bool = False,
         progress: bool = True,
+        recorder: Recorder | None = None,
     ) -> Generation:
+        """`recorder` marks the stages (the benchmark harness passes its own, to keep the raw marks)."""
         output = Path(output) if output is not None else None
         seconds = self.check_request(prompt, seconds, width, height, output)
         seed = random.randrange(2**63 - 1) if seed is None else seed
         ex = self.executor
-        times = StageTimes(ex.device)
+        clock = recorder or Recorder(ex.device)
         latent_t = config.latent_frames(seconds)
         shape = (latent_t, height // config.VAE_SPATIAL_FACTOR, width // config.VAE_SPATIAL_FACTOR, config.LATENT_CHANNELS)
 
-        with times.stage("text encoder"):
-            text = self.text_encoder.encode(prompt).to(ex.dtype)
-        with times.stage("noise + rope"):
-            rope = build_rope(ex.dit_config, *shape[:3], dtype=ex.dtype, device=ex.device)
-            noises = [n.to(ex.dtype).to(ex.device) for n in draw_noises(seed, shape, config.NUM_STEPS)]
+        clock.start()
+        text = self.text_encoder.encode(prompt).to(ex.dtype)
+        clock.lap("text encoder")
+        rope = build_rope(ex.dit_config, *shape[:3], dtype=ex.dtype, device=ex.device)
+        noises = [n.to(ex.dtype).to(ex.device) for n in draw_noises(seed, shape, config.NUM_STEPS)]
+        clock.lap("prep")
 
-        steps = tqdm(total=config.NUM_STEPS, desc="DiT", unit="step", disable=not progress)
-        with steps:
-            times.mark()
+        with tqdm(total=config.NUM_STEPS, desc="DiT", unit="step", disable=not progress) as steps:
             if self._loop.enabled and ex.device.type == "cuda":
-                # Inside a CUDA graph nothing on the host runs per step: one bar update, one time.
+                # Inside a CUDA graph nothing on the host runs per step: one bar update, one stage.
                 self._on_step = None
                 latents = self._loop(text, rope, *noises).clone()
-                times.lap("dit (4 steps, CUDA graph)")
+                clock.lap("dit")
                 steps.update(config.NUM_STEPS)
             else:
-                self._on_step = lambda step: (times.lap(f"dit step {step + 1}"), steps.update())
+                self._on_step = lambda step: (clock.lap(f"dit step {step + 1}"), steps.update())
                 latents = self._loop(text, rope, *noises)
 
         frames: list[torch.Tensor] = []
         chunks = tqdm(total=len(chunk_bounds(latent_t)), desc="VAE", unit="chunk", disable=not progress)
         with _writer(output, width, height) as writer, chunks:
-            decoded = decode_chunks(ex, latents, self._vae_body)
-            while True:
-                with times.stage("vae"):
-                    pixels = next(decoded, None)
-                if pixels is None:
-                    break
+            for pixels in decode_chunks(ex, latents, self._vae_body):
+                clock.lap("vae decode")
                 chunks.update()
                 if keep_frames:
                     frames.append(pixels.cpu())
                 if writer is not None:
-                    with times.stage("video encode"):
-                        writer.write(pixels)
+                    writer.write(pixels)
+                    clock.lap("video encode")
         return Generation(
             seed=seed,
             latents=latents.cpu(),
             frames=torch.cat(frames) if keep_frames else None,
-            times=times,
+            stages=clock.stages(),
             path=output,
         )
+
+    def close(self) -> None:
+        """Release the captured graphs and the executor's device memory."""
+        self._loop.reset()
+        self._vae_body.reset()
+        self.executor.close()
 
     def __call__(
         self,

@@ -1,24 +1,25 @@
-"""Per-stage wall times of one generation, printed as a table and saved as JSON beside the original's 11 s.
+"""Stage times of a generation: marked on the device's own timeline, printed as a table, saved as JSON.
 
-Wall-clock with a device synchronise at each boundary: on a GPU this is the latency a user sees per stage.
-(The benchmark harness uses CUDA events and repetitions; this report is for a single run.)
+On a GPU each stage boundary is a CUDA event recorded on the current stream: recording does not wait, so
+the stages run back to back as in production and the events give the time between boundaries. On the CPU
+a boundary is the wall clock after synchronising. `k4trt run` and the benchmark harness use this one clock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 import torch
 
 from k4trt.fsutil import atomic_path
 
-ORIGINAL_SECONDS = 11.0  # the original on one H100, 12 s at 672x384 (authors' figure)
+ORIGINAL_SECONDS = 11.0  # the original on one H100, 12 s at 672x384 (its authors' figure)
 TARGET_SECONDS = 3.0
+
+Mark = Union[float, torch.cuda.Event]  # a wall-clock reading or a recorded event
 
 
 def synchronize(device: torch.device) -> None:
@@ -26,53 +27,60 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@dataclass
-class StageTimes:
-    device: torch.device
-    seconds: dict[str, float] = field(default_factory=dict)
-    _last: float = 0.0
+class Recorder:
+    """`start()`, then `lap(stage)` at the end of each stage; a stage lapped more than once (the VAE, once per
+    chunk) adds up. `stages()` waits for the device and returns seconds per stage plus `total`."""
 
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time a block; repeated names accumulate (the video encoder runs once per VAE chunk)."""
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._start: Mark | None = None
+        self._laps: list[tuple[str, Mark]] = []
+
+    def _now(self) -> Mark:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
         synchronize(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            synchronize(self.device)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return time.perf_counter()
 
-    def mark(self) -> None:
-        """Start a sequence of laps (per-step times recorded from inside a loop's callback)."""
+    @staticmethod
+    def _seconds(a: Mark, b: Mark) -> float:
+        if isinstance(a, torch.cuda.Event) and isinstance(b, torch.cuda.Event):
+            return a.elapsed_time(b) / 1e3
+        if isinstance(a, float) and isinstance(b, float):
+            return b - a
+        raise TypeError("marks of one recorder are all CUDA events or all clock readings")
+
+    def start(self) -> None:
+        self._start, self._laps = self._now(), []
+
+    def lap(self, stage: str) -> None:
+        if self._start is None:
+            raise RuntimeError("Recorder.lap before start")
+        self._laps.append((stage, self._now()))
+
+    def stages(self) -> dict[str, float]:
+        if self._start is None or not self._laps:
+            raise RuntimeError("Recorder.stages needs start() and at least one lap()")
         synchronize(self.device)
-        self._last = time.perf_counter()
+        seconds: dict[str, float] = {}
+        before = self._start
+        for stage, after in self._laps:
+            seconds[stage] = seconds.get(stage, 0.0) + self._seconds(before, after)
+            before = after
+        seconds["total"] = self._seconds(self._start, before)
+        return seconds
 
-    def lap(self, name: str) -> None:
-        synchronize(self.device)
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
-        self._last = now
 
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
+def format_table(stages: dict[str, float]) -> str:
+    width = max(len(name) for name in stages)
+    rows = [f"{name:<{width}}  {secs:8.3f} s" for name, secs in stages.items()]
+    rows[-1] += f"   (the original: {ORIGINAL_SECONDS:.0f} s for 12 s at 672x384 on one H100)"
+    return "\n".join(rows)
 
-    def table(self) -> str:
-        width = max([len(n) for n in self.seconds] + [5])
-        rows = [f"{name:<{width}}  {secs:8.3f} s" for name, secs in self.seconds.items()]
-        rows.append(f"{'total':<{width}}  {self.total:8.3f} s   (original: {ORIGINAL_SECONDS:.0f} s on one H100)")
-        return "\n".join(rows)
 
-    def to_json(self, settings: dict[str, object]) -> dict[str, object]:
-        return {
-            "stages_s": self.seconds,
-            "total_s": self.total,
-            "original_s": ORIGINAL_SECONDS,
-            "target_s": TARGET_SECONDS,
-            "settings": settings,
-        }
-
-    def save(self, path: Path, settings: dict[str, object]) -> None:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.to_json(settings), indent=2) + "\n")
+def save_report(path: Path, stages: dict[str, float], settings: dict[str, object]) -> None:
+    document = {"stages_s": stages, "original_s": ORIGINAL_SECONDS, "target_s": TARGET_SECONDS, "settings": settings}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
