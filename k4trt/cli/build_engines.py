@@ -1,0 +1,117 @@
+"""`build-engines`: export the ONNX graphs, then build the TensorRT engines from them, redoing only what changed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from k4trt import config
+from k4trt.cli.errors import run_cli
+from k4trt.engine.layout import PRECISIONS
+from k4trt.errors import K4TRTError
+
+DESCRIPTION = """\
+Export Kandinsky 4.0 T2V Flash to ONNX and build TensorRT engines in the --out folder:
+  dit.<precision>.onnx, vae_image.onnx, vae_head.onnx, vae_body.onnx   the graphs TensorRT builds from
+  <graph>.f32.onnx                                                     float32 twins for --backend onnxruntime
+  dit.fp8.scales.json                                                  FP8 calibration (fp8 only)
+  *.plan, timing.cache, manifest.json                                  the engines and what they were built from
+Graphs whose weights and settings are unchanged are reused; engines are rebuilt only when their graph,
+shapes, TensorRT version or GPU changed. Engines cover every size in --sizes and every duration up to
+--max-duration; build them on the GPU that will run them.
+"""
+
+DEFAULT_SIZE = (672, 384)  # width, height: the size `k4trt run` makes by default
+
+EPILOG = """\
+examples:
+  build-engines                                    fp8 engines for 672x384, 0-12 s, from ./weights into ./engines
+  build-engines --sizes 672x384,384x672,512x512    one engine set covering three sizes
+  build-engines --onnx-only --out engines          ONNX only (no GPU needed); then
+  k4trt run "a fox in the snow" --backend onnxruntime --engines engines
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="build-engines", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=Path("weights"), metavar="DIR",
+                   help="weights folder in the original's layout (default: ./weights)")
+    p.add_argument("--out", type=Path, default=Path("engines"), metavar="DIR",
+                   help="engines folder, created if missing (default: ./engines)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp8",
+                   help="DiT precision: fp8 (FP8 GEMMs, calibrated; fastest) or bf16 (the original's); "
+                   "the VAE is always bf16 (default: fp8)")
+    p.add_argument("--sizes", default="x".join(map(str, DEFAULT_SIZE)), metavar="WxH,...",
+                   help="video sizes the engines must serve; the released model knows "
+                   + ", ".join(f"{w}x{h}" for w, h in config.TRAINED_SIZES)
+                   + f", other checkpoints any multiple of {config.SIZE_MULTIPLE} (default: %(default)s)")
+    p.add_argument("--max-duration", type=int, default=config.MAX_SECONDS, metavar="S",
+                   help=f"longest video the engines must serve, whole seconds 0-{config.MAX_SECONDS} "
+                   "(default: %(default)s)")
+    p.add_argument("--calib-prompts", type=Path, metavar="FILE",
+                   help="FP8 calibration prompts, one per line (default: a built-in set of varied prompts)")
+    p.add_argument("--onnx-only", action="store_true",
+                   help="only export the ONNX graphs and their float32 twins (no TensorRT or GPU needed)")
+    p.add_argument("--force", action="store_true",
+                   help="export and build everything again, even what is up to date (the FP8 calibration is "
+                   "reused; delete dit.fp8.scales.json to redo it)")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="also run the DiT's attention in FP8 (faster, less exact; needs --precision fp8)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: build(args))
+
+
+def build(args: argparse.Namespace) -> int:
+    sizes = [config.parse_size(text) for text in args.sizes.split(",") if text.strip()]
+    if not args.onnx_only:
+        _require_engine_builder()
+    from k4trt.export.calibration import read_prompts
+    from k4trt.export.onnx_set import export_onnx
+
+    prompts = read_prompts(args.calib_prompts) if args.calib_prompts is not None else None
+    start = time.monotonic()
+    onnx = export_onnx(args.weights, args.out, precision=args.precision, sizes=sizes, max_duration=args.max_duration,
+                       calib_prompts=prompts, force=args.force, fp8_attention=args.fp8_attention)
+    done = ", ".join(onnx.exported) if onnx.exported else "nothing (all up to date)"
+    print(f"ONNX in {onnx.engines_dir}: exported {done} in {time.monotonic() - start:.0f} s")
+    if args.onnx_only:
+        print(f'check them on the CPU: k4trt run "PROMPT" --backend onnxruntime --engines {onnx.engines_dir} '
+              f"--weights {args.weights}")
+        return 0
+
+    from k4trt.engine.update import update_engines
+    from k4trt.export.onnx_manifest import read_onnx_record, write_onnx_record
+
+    record = read_onnx_record(onnx.engines_dir)
+    update_engines(onnx.engines_dir, onnx.precision, onnx.shapes, weights_dir=args.weights,
+                   weights_files=onnx.weights_files, dit_config=onnx.dit_config,
+                   vae_scaling_factor=onnx.vae_scaling_factor, opt_case=onnx.opt_case, force=args.force)
+    if record is not None:  # the engine manifest is rewritten whole; put the export record back
+        write_onnx_record(onnx.engines_dir, record)
+    print(f'engines ready in {onnx.engines_dir}: k4trt run "PROMPT" --engines {onnx.engines_dir}')
+    return 0
+
+
+def _require_engine_builder() -> None:
+    """TensorRT and a GPU are checked before any export, which can take long."""
+    from k4trt.engine.gpu import current_gpu
+    from k4trt.engine.trt_api import require_tensorrt
+
+    try:
+        require_tensorrt()
+    except K4TRTError as e:
+        raise K4TRTError(f"{e}; or pass --onnx-only to export the ONNX graphs without building engines") from None
+    if current_gpu() is None:
+        raise K4TRTError("building TensorRT engines needs a CUDA GPU and PyTorch sees none; run build-engines on "
+                         "the GPU machine that will run them, or pass --onnx-only")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
