@@ -82,7 +82,8 @@ def test_engines_are_checked_against_the_manifest(tmp_path):
 def test_missing_engines_in_the_manifest_are_named(tmp_path):
     _engines_folder(tmp_path, {"vae_head.plan": b"h"})
     _, lines = run(tmp_path, tmp_path)
-    assert any(line.startswith(f"FIX {tmp_path} lacks a DiT plan, vae_body.plan: build-engines") for line in lines)
+    assert any(line.startswith(f"FIX {tmp_path} lacks a DiT plan, vae_image.plan, vae_body.plan: build-engines")
+               for line in lines)
 
 
 def test_broken_manifest_is_a_fix_line(tmp_path):

@@ -428,3 +428,17 @@ def test_ctrl_c_during_a_build_cancels_it_through_the_monitor():
         assert progress.cancelled
         assert progress.step_complete("any", 0) is False  # TensorRT is asked to stop
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_onnx_only_manifest_has_no_engines_and_survives_engine_writes(tmp_path):
+    """`build-engines --onnx-only` leaves only the export's record; the engine part is written beside it."""
+    import json
+
+    record = {"onnx": {"format": 1, "artifacts": {"vae_head": {"inputs": {"w": "abc"}}}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(record))
+    assert read_manifest(tmp_path) is None
+    manifest = _manifest()
+    write_manifest(tmp_path, manifest)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["onnx"] == record["onnx"]
+    assert read_manifest(tmp_path) == manifest

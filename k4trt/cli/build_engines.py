@@ -87,14 +87,10 @@ def build(args: argparse.Namespace) -> int:
         return 0
 
     from k4trt.engine.update import update_engines
-    from k4trt.export.onnx_manifest import read_onnx_record, write_onnx_record
 
-    record = read_onnx_record(onnx.engines_dir)
     update_engines(onnx.engines_dir, onnx.precision, onnx.shapes, weights_dir=args.weights,
                    weights_files=onnx.weights_files, dit_config=onnx.dit_config,
                    vae_scaling_factor=onnx.vae_scaling_factor, opt_case=onnx.opt_case, force=args.force)
-    if record is not None:  # the engine manifest is rewritten whole; put the export record back
-        write_onnx_record(onnx.engines_dir, record)
     print(f'engines ready in {onnx.engines_dir}: k4trt run "PROMPT" --engines {onnx.engines_dir}')
     return 0
 

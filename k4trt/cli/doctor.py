@@ -155,7 +155,7 @@ def _engines(engines_dir: Path, weights_dir: Path) -> list[_Line]:
     if manifest is None:
         return [(False, f"no engines in {engines_dir} (no {MANIFEST}): {build}")]
     lines: list[_Line] = []
-    missing = [p for p in ("vae_head.plan", "vae_body.plan") if p not in manifest.engines]
+    missing = [p for p in ("vae_image.plan", "vae_head.plan", "vae_body.plan") if p not in manifest.engines]
     if not any(record.graph == "dit" for record in manifest.engines.values()):
         missing.insert(0, "a DiT plan")
     if missing:

@@ -8,7 +8,7 @@ from pathlib import Path
 from k4trt.errors import K4TRTError
 
 PRECISIONS = ("fp8", "bf16")
-GRAPHS = ("dit", "vae_head", "vae_body")
+GRAPHS = ("dit", "vae_image", "vae_head", "vae_body")  # vae_image: the 1-latent-frame (image) decoder
 MANIFEST = "manifest.json"
 TIMING_CACHE = "timing.cache"
 

@@ -27,6 +27,7 @@ from k4trt.errors import K4TRTError
 from k4trt.fsutil import atomic_path
 
 FORMAT = 1
+OTHER_RECORDS = "onnx"  # the export's record (k4trt.export.onnx_manifest), shared file, kept on rewrite
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class PlanFile:
 
 @dataclass(frozen=True)
 class EngineRecord:
-    graph: str  # dit | vae_head | vae_body
+    graph: str  # dit | vae_image | vae_head | vae_body
     precision: str  # fp8 | bf16 (the VAE engines are always bf16)
     onnx: dict[str, str]  # {file name: SHA-256} of the graph and its external data
     profile: dict[str, ShapeRange]  # per input
@@ -137,12 +138,16 @@ def check_compatible(manifest: Manifest, current_trt_version: str, current_gpu: 
 
 
 def read_manifest(engines_dir: Path) -> Manifest | None:
-    """The folder's manifest, None if it has none; an unreadable one is a K4TRTError naming the rebuild."""
+    """The folder's engine manifest, None if it has none (no file, or only the ONNX export's record, as
+    `build-engines --onnx-only` leaves it); an unreadable one is a K4TRTError naming the rebuild."""
     path = engines_dir / MANIFEST
     if not path.is_file():
         return None
     try:
-        return manifest_from_json(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and set(data) <= {OTHER_RECORDS}:
+            return None
+        return manifest_from_json(data)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise K4TRTError(
             f"{path} is unreadable ({type(e).__name__}: {e}); rebuild the engines: {rebuild_command(engines_dir)}"
@@ -150,8 +155,15 @@ def read_manifest(engines_dir: Path) -> Manifest | None:
 
 
 def write_manifest(engines_dir: Path, manifest: Manifest) -> None:
-    with atomic_path(engines_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest_to_json(manifest), indent=2, sort_keys=True) + "\n")
+    """Write the engine part; other top-level keys (the ONNX export's "onnx" record) are kept as they are."""
+    path = engines_dir / MANIFEST
+    try:
+        document = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        document = {}
+    document = {k: v for k, v in document.items() if k == OTHER_RECORDS} | manifest_to_json(manifest)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
 def manifest_to_json(m: Manifest) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def update_engines(
     workspace_bytes: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Manifest:
-    """Build `dit.<precision>.plan`, `vae_head.plan`, `vae_body.plan` in `engines_dir` where needed.
+    """Build `dit.<precision>.plan` and the `vae_image`, `vae_head`, `vae_body` plans in `engines_dir` where needed.
 
     `shapes[graph][input]` lists that input's shape in every requested case, all inputs and graphs in the same
     case order; `opt_case` indexes the default case (see `profiles.derive_ranges`). `weights_files` are the

@@ -41,8 +41,8 @@ class _Io:
 
 class TensorRTExecutor(Executor):
     def __init__(self, engines_dir: Path | str, precision: str | None = None, device: torch.device | str = "cuda") -> None:
-        """Load `dit.<precision>.plan` (fp8 when None and the folder has it, else bf16), `vae_head.plan` and
-        `vae_body.plan` from `engines_dir` after checking the manifest says they fit this GPU and TensorRT."""
+        """Load `dit.<precision>.plan` (fp8 when None and the folder has it, else bf16), `vae_image.plan`,
+        `vae_head.plan` and `vae_body.plan` from `engines_dir` after checking the manifest says they fit this GPU and TensorRT."""
         require_tensorrt()
         import tensorrt as trt
 
@@ -62,7 +62,7 @@ class TensorRTExecutor(Executor):
         self.vae_scaling_factor = manifest.vae_scaling_factor
 
         plans = {"dit": _dit_plan(manifest, precision, self.engines_dir),
-                 "vae_head": "vae_head.plan", "vae_body": "vae_body.plan"}
+                 "vae_image": "vae_image.plan", "vae_head": "vae_head.plan", "vae_body": "vae_body.plan"}
         self._recorder = error_recorder()
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._runtime.error_recorder = self._recorder
@@ -84,7 +84,9 @@ class TensorRTExecutor(Executor):
     def vae_chunk(
         self, z: torch.Tensor, caches: Sequence[torch.Tensor] | None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        graph = "vae_head" if caches is None else "vae_body"
+        # The first chunk of a video (3 latent frames) and an image (1) take different paths through the
+        # decoder, hence different engines; an image has no next chunk, so its engine returns no caches.
+        graph = "vae_body" if caches is not None else "vae_image" if z.shape[2] == 1 else "vae_head"
         inputs = {"z": z} | {f"cache_in_{k}": c for k, c in enumerate(caches or [])}
         h, w = z.shape[-2:]
         out = self._run(graph, inputs, f"--sizes {w * config.VAE_SPATIAL_FACTOR}x{h * config.VAE_SPATIAL_FACTOR}")
