@@ -272,7 +272,7 @@ def _prepare_out_dir(out_dir: Path) -> Path:
         check_writable_dir(parent, f"cannot create {what}")
         out_dir.mkdir()
     check_writable_dir(out_dir, what)
-    for partial in out_dir.glob(".*.partial"):
-        if partial.is_file():
-            partial.unlink()
+    for leftover in out_dir.glob(".*.partial"):
+        if leftover.is_file():
+            leftover.unlink()
     return out_dir
