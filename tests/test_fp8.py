@@ -21,44 +21,23 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from k4trt.config import TEXT_TOKENS, DiTConfig
+from k4trt.config import DiTConfig
 from k4trt.errors import K4TRTError
 from k4trt.export.dit_onnx import export_dit
 from k4trt.export.fp8 import AttentionAmax, FP8Scales, calibrate_dit, calibrate_with_sampler
 from k4trt.export.opcheck import check_graph
 from k4trt.export.twin import write_float32_twin
 from k4trt.models.dit import DiT, build_rope
+
+from dit_cases import TINY, random_dit, random_inputs
 from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG, Schedule
 from k4trt.runtime.executor import Executor
 from k4trt.runtime.sampler import draw_noises, sample
 
-TINY = DiTConfig(in_text_dim=32, time_dim=32, model_dim=128, ff_dim=256, num_blocks=1)
 SIZES = [(1, 4, 6), (3, 6, 2)]
 LINEARS = ("self_attention.to_query_key_value", "self_attention.output_layer",
            "feed_forward.in_layer", "feed_forward.out_layer")
 E4M3_MAX = 448.0
-
-
-def random_dit(cfg: DiTConfig, seed: int) -> DiT:
-    """Every tensor random, modulations included, rounded to bf16 and held in float32: Linear weights
-    ~ N(0, 1/fan_in), norm weights 1 ± 0.3, biases ~ N(0, 0.3²)."""
-    g = torch.Generator().manual_seed(seed)
-    dit = DiT(cfg).requires_grad_(False).eval()
-    for name, p in dit.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        value = noise / math.sqrt(p.shape[1]) if p.ndim == 2 else 1 + 0.3 * noise if "norm" in name and name.endswith("weight") else 0.3 * noise
-        p.copy_(value.bfloat16().float())
-    return dit
-
-
-def random_inputs(cfg: DiTConfig, size: tuple[int, int, int], seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "x": torch.randn(*size, cfg.in_visual_dim, generator=g).bfloat16().float(),
-        "text": torch.randn(TEXT_TOKENS, cfg.in_text_dim, generator=g).bfloat16().float(),
-        "time": torch.randint(1, 1000, (1,), generator=g).float(),
-        "rope": build_rope(cfg, *size, dtype=torch.bfloat16).float(),
-    }
 
 
 def graph_scale(amax: float) -> float:
