@@ -173,3 +173,14 @@ def test_console_script_help_and_error_have_no_traceback(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "k4trt", "run", "x", "--weights", str(tmp_path / "none")],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_gpu_out_of_memory_is_one_line(capsys):
+    from k4trt.cli.errors import run_cli
+
+    def oom() -> int:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\nmore")
+
+    assert run_cli(oom) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Tried to allocate 20.00 GiB" in err and "--duration" in err
