@@ -48,29 +48,26 @@ def _check_side_outputs(args: argparse.Namespace) -> None:
         check_writable_dir(path.parent.resolve(), f"{flag} {path}")
 
 
-def _check_size_before_loading(weights: Path, width: int, height: int) -> None:
-    """The released checkpoint only knows its trained sizes: say so before minutes of loading, not after.
-    Reading the checkpoint's shapes is cheap (memory-mapped, nothing is copied)."""
+def _is_released(weights: Path) -> bool:
+    """Whether the checkpoint is the released architecture (only its seven trained sizes are allowed). Cheap:
+    the checkpoint is memory-mapped and only its shapes are read."""
     from k4trt.models.dit import infer_dit_config
     from k4trt.weights.checkpoint import read_dit_state_dict
     from k4trt.weights.layout import WeightsFolder
 
     folder = WeightsFolder(weights).require()
-    released = infer_dit_config(read_dit_state_dict(folder.dit)) == config.RELEASED_DIT
-    config.check_size(width, height, released=released)
+    return infer_dit_config(read_dit_state_dict(folder.dit)) == config.RELEASED_DIT
 
 
 def run(args: argparse.Namespace) -> int:
-    from k4trt.runtime.pipeline import Pipeline, save_array
+    from k4trt.runtime.pipeline import Pipeline, check_request, save_array
     from k4trt.runtime.report import format_table, save_report
 
-    if not args.prompt.strip():
-        raise K4TRTError("the prompt is empty; describe the video to generate")
-    seconds = config.check_duration(args.duration)
     width, height = config.parse_size(args.size)
+    seconds = config.check_duration(args.duration)
     output = args.output or Path("k4trt.png" if seconds == 0 else "k4trt.mp4")
     _check_side_outputs(args)
-    _check_size_before_loading(args.weights, width, height)
+    check_request(args.prompt, seconds, width, height, output, released=_is_released(args.weights))
 
     pipe = Pipeline.from_pretrained(args.weights, backend=args.backend, device=args.device, engines=args.engines,
                                     cuda_graph=not args.no_cuda_graph)

@@ -122,15 +122,6 @@ class Pipeline:
         released = executor.dit_config == config.RELEASED_DIT
         return cls(text_encoder, executor, Schedule.from_config_dir(folder.scheduler), released, cuda_graph)
 
-    def check_request(self, prompt: str, seconds: object, width: int, height: int, output: Path | None) -> int:
-        """Every check that needs no model work, so bad input fails before anything runs or is written."""
-        if not prompt or not prompt.strip():
-            raise K4TRTError("the prompt is empty; describe the video to generate")
-        seconds = config.check_duration(seconds)
-        config.check_size(width, height, released=self.released)
-        if output is not None:
-            check_output_path(output, single_frame=seconds == 0)
-        return seconds
 
     def generate(
         self,
@@ -147,7 +138,7 @@ class Pipeline:
     ) -> Generation:
         """`recorder` marks the stages (the benchmark harness passes its own, to keep the raw marks)."""
         output = Path(output) if output is not None else None
-        seconds = self.check_request(prompt, seconds, width, height, output)
+        seconds = check_request(prompt, seconds, width, height, output, released=self.released)
         seed = random.randrange(2**63 - 1) if seed is None else seed
         ex = self.executor
         clock = recorder or Recorder(ex.device)
@@ -208,6 +199,20 @@ class Pipeline:
     ) -> Generation:
         """Shaped like the original's `Kandinsky4T2VPipeline.__call__` so existing callers port directly."""
         return self.generate(text, seed=seed, seconds=time_length, width=width, height=height, output=save_path)
+
+
+def check_request(
+    prompt: str, seconds: object, width: int, height: int, output: Path | None, *, released: bool
+) -> int:
+    """Every check that needs no model work, so bad input fails before anything runs or is written; returns
+    the duration as whole seconds. The CLI calls it before loading anything, `generate` on every call."""
+    if not prompt or not prompt.strip():
+        raise K4TRTError("the prompt is empty; describe the video to generate")
+    seconds = config.check_duration(seconds)
+    config.check_size(width, height, released=released)
+    if output is not None:
+        check_output_path(output, single_frame=seconds == 0)
+    return seconds
 
 
 def _writer(output: Path | None, width: int, height: int) -> contextlib.AbstractContextManager[FrameWriter | None]:
