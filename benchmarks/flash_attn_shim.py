@@ -36,8 +36,11 @@ def flash_attn_varlen_qkvpacked_func(
     bounds = cu_seqlens.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = (t.transpose(0, 1) for t in qkv[start:end].unbind(1))  # [heads, n, head_dim]
-        outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale).transpose(0, 1))
+        # [1, heads, n, head_dim], the layout k4trt's DiT uses: 4-D is what SDPA's flash kernels take, and the
+        # parity test relies on both sides hitting the same kernel.
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in qkv[start:end].unbind(1))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
+        outs.append(out.squeeze(0).transpose(0, 1))
     out = torch.cat(outs)
     return (out, None, None) if return_attn_probs else out
 

@@ -2,7 +2,8 @@
 
 The original is not vendored: point K4TRT_ORIGINAL at a checkout of ai-forever/Kandinsky-4 to run this
 (skipped otherwise). Its CUDA-only pieces are replaced by the smallest faithful stand-ins:
-- flash_attn's varlen call by per-sequence SDPA (same maths, scale 1/√head_dim);
+- flash_attn's varlen call by the benchmark harness's SDPA shim, laid out [1, heads, S, d] like k4trt's own
+  call, so both sides hit the same CPU kernel and any difference left is ours, not the attention kernel's;
 - CUDA autocast by CPU autocast plus float32 LayerNorms, which is CUDA autocast's policy for the ops the
   DiT uses (CPU autocast alone would keep layer_norm in bf16);
 - torchvision (only used there to write files) by an empty module.
@@ -22,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import flash_attn_shim
 from k4trt.models.dit import DiT
 from k4trt.models.scheduler import Schedule
 from k4trt.models.text import TextEncoder
@@ -38,16 +40,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _flash_attn_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, return_attn_probs=False):
-    """flash_attn's varlen call as one SDPA per sequence, laid out [1, heads, S, d] like k4trt's call, so
-    both sides hit the same CPU kernel and any remaining difference is ours, not the attention kernel's."""
-    outs = []
-    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in qkv[start:end].unbind(1))
-        outs.append(F.scaled_dot_product_attention(q, k, v).squeeze(0).transpose(0, 1))
-    return torch.cat(outs), None, None
-
-
 def _layer_norm_fp32(self, x):
     """CUDA autocast runs layer_norm in float32 (inputs and weights upcast, float32 out)."""
     weight = None if self.weight is None else self.weight.float()
@@ -61,7 +53,7 @@ def original(monkeypatch):
     package = types.ModuleType("kandinsky")
     package.__path__ = [str(root)]
     flash = types.ModuleType("flash_attn")
-    flash.flash_attn_varlen_qkvpacked_func = _flash_attn_varlen_qkvpacked
+    flash.flash_attn_varlen_qkvpacked_func = flash_attn_shim.flash_attn_varlen_qkvpacked_func
     # Import the real libraries before the stand-ins go in: both probe for torchvision and flash_attn.
     import transformers.modeling_utils  # noqa: F401
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler  # noqa: F401
