@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from k4trt.engine.layout import rebuild_command
 from k4trt.errors import K4TRTError
+from k4trt.weights.checkpoint import sha256_file
 
 if TYPE_CHECKING:
     from onnx import GraphProto, TensorProto
 
-_CHUNK = 16 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """Streamed, so multi-GB weights and external ONNX data never sit in memory whole."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(_CHUNK):
-                digest.update(block)
-    except OSError as e:
-        raise K4TRTError(f"cannot read {path} to fingerprint it ({e.strerror or e}); check it exists and is readable"
-                         ) from None
-    return digest.hexdigest()
+__all__ = ["hash_onnx", "hash_tree", "onnx_files", "sha256_file"]
 
 
 def hash_tree(root: Path, entries: Iterable[Path]) -> dict[str, str]:

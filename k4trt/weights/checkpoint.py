@@ -51,7 +51,11 @@ def read_dit_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
 def sha256_file(path: Path | str, chunk_bytes: int = 16 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks so multi-GB checkpoints never sit in memory."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
+    try:
+        with Path(path).open("rb") as f:
+            while chunk := f.read(chunk_bytes):
+                digest.update(chunk)
+    except OSError as e:
+        raise K4TRTError(f"cannot read {path} to fingerprint it ({e.strerror or e}); check it exists and is readable"
+                         ) from None
     return digest.hexdigest()
