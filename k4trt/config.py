@@ -25,6 +25,9 @@ TRAINED_SIZES: tuple[tuple[int, int], ...] = (
     (480, 544),
 )
 SIZE_MULTIPLE = 16  # VAE /8 then DiT patch /2
+# The case every default, the performance budget and the original's 11 s are stated for.
+DEFAULT_SIZE = (672, 384)  # width, height
+DEFAULT_SECONDS = MAX_SECONDS
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,15 @@ class DiTConfig:
 
 
 RELEASED_DIT = DiTConfig()
+
+
+def is_released(dit: DiTConfig) -> bool:
+    """Whether a checkpoint is the released architecture, which only knows its seven trained sizes."""
+    return dit == RELEASED_DIT
+
+
+def format_size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 def latent_frames(seconds: int) -> int:

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import compare, flash_attn_shim, flops, harness, models, settings
-from benchmarks.cli import main as bench_main
+from k4trt.bench import compare, flash_attn_shim, flops, harness, models, settings
+from k4trt.bench.cli import main as bench_main
 from k4trt.config import RELEASED_DIT, TEXT_TOKENS
 from k4trt.errors import K4TRTError
-from k4trt.models.dit import build_rope
+from k4trt.models.dit import build_rope, explicit_attention
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -47,8 +47,7 @@ def test_dit_step_flops_equal_pytorch_flop_counter():
     which the counter sees as two batched matmuls)."""
     cfg = models.TINY_DIT
     t, h, w = 3, 8, 6
-    dit = models.random_dit(cfg, torch.device("cpu"), torch.float32)
-    dit.attention = "explicit"
+    dit = models.random_dit(cfg, torch.device("cpu"), torch.float32).with_attention(explicit_attention)
     inputs = (torch.randn(t, h, w, cfg.in_visual_dim), torch.randn(TEXT_TOKENS, cfg.in_text_dim),
               torch.tensor([999.0]), build_rope(cfg, t, h, w, torch.float32))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -118,7 +117,7 @@ def test_weights_folder_run(tiny_weights, tmp_path):
 def test_generation_stages_and_graph_loop_reading():
     """A run is `Pipeline.generate` with the harness's recorder. On the CPU CUDA graphs run eagerly, so the
     steps are separate stages; on a GPU the graphed loop is one "dit" stage, read as four equal steps."""
-    from benchmarks.subjects import _Generation
+    from k4trt.bench.subjects import _Generation
     from k4trt.runtime.torch_executor import TorchExecutor
 
     s = settings.resolve(backends="torch", size=None, duration=None, device="cpu", weights=None, engines=None,

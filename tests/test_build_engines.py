@@ -19,6 +19,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,12 +31,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import k4trt.export.onnx_files as onnx_files
 import k4trt.export.onnx_set as onnx_set
-import k4trt.export.twin as twin
 from k4trt.cli.build_engines import main
 from k4trt.cli.main import main as k4trt_main
+from k4trt.core.graphs import profile
+from k4trt.core.manifest import Manifest
 from k4trt.export.fp8 import FP8Scales
-from k4trt.export.onnx_manifest import read_onnx_record
 from k4trt.models.dit import infer_dit_config
 from k4trt.runtime.ort_executor import OnnxRuntimeExecutor
 from k4trt.runtime.pipeline import Pipeline
@@ -88,7 +91,7 @@ def _sha256(path: Path) -> str:
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != "manifest.json"}
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name not in ("manifest.json", ".build.lock")}
 
 
 def test_writes_every_graph_twin_the_calibration_and_the_manifest(built, weights):
@@ -97,36 +100,57 @@ def test_writes_every_graph_twin_the_calibration_and_the_manifest(built, weights
         for suffix in (".onnx", ".onnx.data", ".f32.onnx", ".f32.onnx.data"):
             assert (out / f"{name}{suffix}").is_file(), f"{name}{suffix}"
     assert (out / "dit.fp8.scales.json").is_file()
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert hidden == [".build.lock"], "temporary files left behind"  # the writer lock stays: see core.manifest
 
-    section = json.loads((out / "manifest.json").read_text())["onnx"]
-    assert section["weights_dir"] == str(weights.resolve())
-    for rel, stamp in section["weights"].items():
-        assert stamp["sha256"] == _sha256(weights / rel), rel
+    document = json.loads((out / "manifest.json").read_text())
+    assert document["format"] == 2 and document["weights_dir"] == str(weights.resolve())
+    for rel, digest in document["weights"].items():
+        assert digest["sha256"] == _sha256(weights / rel), rel
     assert {"kandinsky4_distil_512.pt", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-            "scheduler/scheduler_config.json", "tokenizer/spiece.model"} <= set(section["weights"])
-    for name, artifact in section["artifacts"].items():
-        for file, stamp in artifact["files"].items():
-            assert stamp["sha256"] == _sha256(out / file), f"{name}: {file}"
-    record = read_onnx_record(out)
-    assert record is not None
-    assert record.dit_config == infer_dit_config(read_dit_state_dict(weights / "kandinsky4_distil_512.pt"))
-    assert record.vae_scaling_factor == 0.7
-    assert set(record.artifacts) == {"dit.fp8.scales.json", *GRAPHS}
+            "scheduler/scheduler_config.json", "tokenizer/spiece.model"} <= set(document["weights"])
+    for name, artifact in document["onnx"].items():
+        for file, sha in artifact["files"].items():
+            assert sha == _sha256(out / file), f"{name}: {file}"
+    manifest = Manifest.load(out)
+    assert manifest is not None and manifest.model is not None
+    assert manifest.model.dit_config == infer_dit_config(read_dit_state_dict(weights / "kandinsky4_distil_512.pt"))
+    assert manifest.model.vae_scaling_factor == 0.7
+    assert set(manifest.artifacts) == {"dit.fp8.scales.json", *GRAPHS}
+    assert manifest.engines == {} and manifest.environment is None
     assert built.seconds < ACCEPTANCE_SECONDS
 
 
-def test_rerun_reuses_every_file(built, weights, capsys):
+def test_rerun_reuses_every_file_and_opens_no_onnx_data(built, weights, capsys, monkeypatch):
+    """A no-op rerun decides from the stamp cache alone: no graph's external data is opened (an audit hook
+    sees every `open` of this process) and no file is hashed (the checkpoint's header is still read, through
+    mmap, for the model's dimensions)."""
     before = _mtimes(built.out)
-    code = main(["--onnx-only", "--weights", str(weights), "--out", str(built.out), "--calib-prompts", str(built.prompts), *SMALL])
+    hashed: list[Path] = []
+    monkeypatch.setattr("k4trt.fsutil.sha256_file", lambda path, *a: hashed.append(path) or "0" * 64)
+    opened: list[str] = []
+    watching = [True]
+
+    def audit(event: str, args: tuple) -> None:
+        if watching[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(audit)  # hooks cannot be removed; `watching` turns this one off
+    try:
+        code = main(["--onnx-only", "--weights", str(weights), "--out", str(built.out), "--calib-prompts",
+                     str(built.prompts), *SMALL])
+    finally:
+        watching[0] = False
     assert code == 0
     assert "exported nothing (all up to date)" in capsys.readouterr().out
     assert _mtimes(built.out) == before
+    assert not [p for p in opened if p.endswith(".data")], "external data read on a no-op rerun"
+    assert hashed == []
 
 
 def test_bf16_adds_its_dit_and_shares_the_vae_graphs(built_bf16):
-    record = read_onnx_record(built_bf16)
-    assert record is not None and {"dit.bf16", "dit.fp8", "vae_image", "vae_head", "vae_body"} <= set(record.artifacts)
+    manifest = Manifest.load(built_bf16)
+    assert manifest is not None and {"dit.bf16", "dit.fp8", "vae_image", "vae_head", "vae_body"} <= set(manifest.artifacts)
     assert (built_bf16 / "dit.bf16.f32.onnx").is_file()
 
 
@@ -190,13 +214,13 @@ def exports(built, monkeypatch):
     """Record every calibration and export; write the reference graphs through the real `save_onnx`."""
     calls: list[str] = []
 
-    def export_vae(vae, role, path):
-        calls.append(f"vae_{role}")
-        twin.save_onnx(ir.load(built.out / path.name), path)
+    def export_vae(vae, spec, path):
+        calls.append(spec.stem)
+        onnx_files.save_onnx(ir.load(built.out / path.name), path)
 
-    def export_dit(dit, path, *, fp8=None, fp8_attention=False):
-        calls.append(path.stem)
-        twin.save_onnx(ir.load(built.out / path.name), path)
+    def export_dit(dit, spec, path, *, fp8=None, fp8_attention=False):
+        calls.append(spec.stem)
+        onnx_files.save_onnx(ir.load(built.out / path.name), path)
 
     def calibrate(weights, state, prompts):
         """The reference scales, stretched by the prompt count (1 here), so other prompts give other scales."""
@@ -232,8 +256,8 @@ def test_changed_vae_weights_reexport_only_the_vae_graphs(copies, exports):
     after = _mtimes(copies.out)
     changed = {name for name in before if after[name] != before[name]}
     assert changed == {f"vae_{r}{s}" for r in ("image", "head", "body") for s in (".onnx", ".onnx.data", ".f32.onnx", ".f32.onnx.data")}
-    record = read_onnx_record(copies.out)
-    assert record is not None and record.weights["vae/diffusion_pytorch_model.safetensors"].sha256 == _sha256(vae)
+    manifest = Manifest.load(copies.out)
+    assert manifest is not None and manifest.weights["vae/diffusion_pytorch_model.safetensors"].sha256 == _sha256(vae)
 
 
 def test_changed_dit_weights_recalibrate_and_reexport_the_dit(copies, exports):
@@ -264,57 +288,79 @@ def test_fp8_attention_is_a_different_dit_graph(copies, exports):
 
 
 def test_engines_are_built_from_the_exported_set(copies, exports, monkeypatch):
-    """Without --onnx-only: the engine builder gets every graph's shape lists (TensorRT itself is replaced; it
-    cannot run here). That its manifest keeps the export record is write_manifest's test, in test_engine.py."""
+    """Without --onnx-only: the engine builder gets the exported set of the registry's graphs and every requested
+    case (TensorRT itself is replaced; it cannot run here; its decisions are test_update_engines.py's)."""
     import k4trt.cli.build_engines as cli
     import k4trt.engine.update as update
+    from k4trt.core.gpu import GpuInfo
+    from k4trt.core.manifest import BuildEnvironment
 
+    environment = BuildEnvironment("11.4.0.1", GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 1))
     received = {}
 
-    def update_engines(engines_dir, precision, shapes, **kwargs):
-        received.update(kwargs, precision=precision, shapes=shapes)
+    def update_engines(onnx, env, **kwargs):
+        received.update(kwargs, onnx=onnx, environment=env)
 
-    monkeypatch.setattr(cli, "_require_engine_builder", lambda: None)
+    monkeypatch.setattr(cli, "_require_engine_builder", lambda: environment)
     monkeypatch.setattr(update, "update_engines", update_engines)
     code = main(["--weights", str(copies.weights), "--out", str(copies.out), "--calib-prompts", str(copies.prompts), *SMALL])
     assert code == 0
     assert exports == []
-    assert received["precision"] == "fp8" and received["opt_case"] is None and received["force"] is False
-    assert set(received["shapes"]) == {"dit", "vae_image", "vae_head", "vae_body"}
-    assert all(len(v) == 3 for v in received["shapes"]["dit"].values())  # 64x64 at 0, 1 and 2 s
-    assert received["weights_files"] == [copies.weights / "kandinsky4_distil_512.pt", copies.weights / "vae"]
+    onnx = received["onnx"]
+    assert received["environment"] == environment and received["force"] is False
+    assert onnx.precision == "fp8" and list(onnx.graphs) == ["dit", "vae_image", "vae_head", "vae_body"]
+    assert onnx.cases == [(64, 64, 0), (64, 64, 1), (64, 64, 2)]
+
+
+def test_a_second_build_into_the_same_folder_stops_with_one_line(copies, exports, capsys):
+    holder = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from k4trt.core.manifest import writing\n"
+        "with writing(Path(sys.argv[1])):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(copies.out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        before = (copies.out / "manifest.json").read_bytes()
+        err = _refused(["--onnx-only", "--weights", str(copies.weights), "--out", str(copies.out), "--calib-prompts",
+                        str(copies.prompts), *SMALL], capsys)
+        assert f"is being written by process {proc.pid}" in err
+        assert (copies.out / "manifest.json").read_bytes() == before and exports == []
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def test_interrupted_export_leaves_no_onnx(built, weights, exports, monkeypatch, tmp_path, capsys):
     """Ctrl-C while the first graph is being written: its temporary files go, no .onnx appears."""
-    real_save = twin.ir.save
+    real_save = onnx_files.ir.save
 
     def save_then_interrupt(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(twin.ir, "save", save_then_interrupt)
+    monkeypatch.setattr(onnx_files.ir, "save", save_then_interrupt)
     out = tmp_path / "engines"
     code = main(["--onnx-only", "--weights", str(weights), "--out", str(out), "--calib-prompts", str(built.prompts), *SMALL])
     assert code == 130
     assert "interrupted" in capsys.readouterr().err
     assert exports == ["calibrate", "dit.fp8"]
     left = sorted(p.name for p in out.rglob("*"))
-    assert not [n for n in left if ".onnx" in n or n.startswith(".")], left
+    assert not [n for n in left if ".onnx" in n or n.endswith(".partial")], left
 
 
-def test_case_shapes_cover_every_size_and_duration(copies, exports):
-    """Default sizes and durations: 13 cases (0-12 s at 672x384), the last being the default case."""
+def test_default_cases_are_every_duration_at_the_default_size(copies, exports):
+    """Default sizes and durations: 13 cases (0-12 s at 672x384), the default case the profile's opt point."""
     result = onnx_set.export_onnx(copies.weights, copies.out, calib_prompts=[copies.prompts.read_text().strip()])
     assert exports == []
-    assert result.cases == [(672, 384, s) for s in range(13)] and result.opt_case == 12
-    dit, body = result.shapes["dit"], result.shapes["vae_body"]
-    assert dit["x"][12] == (25, 48, 84, 16) and dit["x"][0] == (1, 48, 84, 16)
-    assert dit["rope"][12] == (25, 24, 42, 32, 2, 2)
-    assert result.shapes["vae_image"]["z"][0] == (1, 16, 1, 48, 84)
-    assert result.shapes["vae_head"]["z"][0] == (1, 16, 3, 48, 84)
-    assert body["z"][0] == (1, 16, 2, 48, 84) and len(body) > 1
-    assert all(len(shapes) == 13 for graph in result.shapes.values() for shapes in graph.values())
+    assert result.cases == [(672, 384, s) for s in range(13)]
+    dit = profile(result.graphs["dit"], result.model.dit_config, result.model.vae_config, result.cases)
+    assert dit["x"].opt == dit["x"].max == (25, 48, 84, 16) and dit["x"].min == (1, 48, 84, 16)
+    body = profile(result.graphs["vae_body"], result.model.dit_config, result.model.vae_config, result.cases)
+    assert body["z"].min == body["z"].max == (1, 16, 2, 48, 84) and len(body) > 1
 
 
 # ---- bad input: one line, exit code 2, nothing written ----
@@ -377,7 +423,7 @@ def test_building_engines_without_tensorrt_says_how_to_get_it(weights, tmp_path,
     (["--precision", "bf16", "--fp8-attention"], "needs --precision fp8"),
     (["--sizes", "100x100"], "multiples of 16"),
     (["--sizes", "wide"], "is not WIDTHxHEIGHT"),
-    (["--max-duration", "13"], "outside 0–12 s"),
+    (["--max-duration", "13"], "--max-duration: duration 13 s is outside 0–12 s"),
 ])
 def test_bad_settings(weights, tmp_path, capsys, args, message):
     err = _refused(["--onnx-only", "--weights", str(weights), "--out", str(tmp_path / "out"), *args], capsys)

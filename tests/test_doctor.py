@@ -10,9 +10,10 @@ import pytest
 from k4trt.cli import doctor as doctor_mod
 from k4trt.cli.doctor import doctor
 from k4trt.config import DiTConfig
-from k4trt.engine.gpu import GpuInfo
-from k4trt.engine.manifest import EngineRecord, Manifest, PlanFile, write_manifest
-from k4trt.engine.profiles import ShapeRange
+from k4trt.core.gpu import GpuInfo
+from k4trt.core.manifest import Artifact, BuildEnvironment, EngineRecord, Manifest, ModelFacts, PlanFile
+from k4trt.core.profiles import ShapeRange
+from k4trt.models.vae import tiny_vae_config
 
 
 def run(weights, engines) -> tuple[int, list[str]]:
@@ -54,16 +55,20 @@ def test_weights_check_survives_a_missing_weights_module(tmp_path, monkeypatch):
     assert any(line.startswith("FIX cannot check weights") and "pip install -e ." in line for line in lines)
 
 
-def _engines_folder(folder, plans: dict[str, bytes]) -> None:
-    record = EngineRecord("dit", "fp8", {}, {"x": ShapeRange((1, 8, 8, 16), (3, 8, 8, 16), (3, 8, 16, 16))}, {})
-    engines = {}
+def _engines_folder(folder, plans: dict[str, bytes], stamped: bool = False) -> None:
+    """A manifest with `plans` built; `stamped` as build-engines leaves it (each plan's stamp recorded)."""
+    profile = {"x": ShapeRange((1, 8, 8, 16), (3, 8, 8, 16), (3, 8, 16, 16))}
+    manifest = Manifest(weights_dir="/w", model=ModelFacts(DiTConfig(), tiny_vae_config()),
+                        environment=BuildEnvironment("10.13.0.35", GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 1)))
     for name, data in plans.items():
         (folder / name).write_bytes(data)
         graph = name.split(".")[0]
-        engines[name] = EngineRecord(graph, record.precision if graph == "dit" else "bf16", {}, record.profile, {},
-                                     PlanFile(len(data), hashlib.sha256(data).hexdigest()))
-    write_manifest(folder, Manifest("10.13.0.35", GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 1), "/w", {}, DiTConfig(),
-                                    0.7, engines))
+        sha = hashlib.sha256(data).hexdigest()
+        manifest.engines[name] = EngineRecord(graph, "fp8" if graph == "dit" else "bf16", {}, profile, {},
+                                              PlanFile(len(data), sha))
+        if stamped:
+            manifest.stamps.record(folder / name, name, sha)
+    manifest.save(folder)
 
 
 def test_engines_are_checked_against_the_manifest(tmp_path):
@@ -84,6 +89,24 @@ def test_missing_engines_in_the_manifest_are_named(tmp_path):
     _, lines = run(tmp_path, tmp_path)
     assert any(line.startswith(f"FIX {tmp_path} lacks a DiT plan, vae_image.plan, vae_body.plan: build-engines")
                for line in lines)
+
+
+def test_plans_the_stamp_cache_vouches_for_are_not_read(tmp_path, monkeypatch):
+    _engines_folder(tmp_path, {"dit.fp8.plan": b"plan-a", "vae_head.plan": b"plan-b"}, stamped=True)
+    read = []
+    monkeypatch.setattr("k4trt.fsutil.sha256_file", lambda path, *a: read.append(path) or "0" * 64)
+    _, lines = run(tmp_path, tmp_path)
+    assert read == [] and any(line.startswith("OK dit.fp8.plan") for line in lines)
+    (tmp_path / "vae_head.plan").write_bytes(b"plan-B")  # rewritten: its stamp no longer holds, so it is read
+    _, lines = run(tmp_path, tmp_path)
+    assert read == [tmp_path / "vae_head.plan"]
+
+
+def test_an_onnx_only_folder_is_named_as_such(tmp_path):
+    Manifest(weights_dir="/w", artifacts={"dit.bf16": Artifact({}, {}), "vae_head": Artifact({}, {})}).save(tmp_path)
+    _, lines = run(tmp_path, tmp_path)
+    assert f"FIX {tmp_path} holds exported ONNX graphs (dit.bf16, vae_head) but no TensorRT engines yet: " \
+           f"build-engines --weights {tmp_path} --out {tmp_path}" in lines
 
 
 def test_broken_manifest_is_a_fix_line(tmp_path):

@@ -20,11 +20,12 @@ import pytest
 import torch
 
 from k4trt.config import TEXT_TOKENS
+from k4trt.core.graphs import dit_graph, dit_input_shapes
 from k4trt.errors import K4TRTError
-from k4trt.export.dit_onnx import dit_input_shapes, export_dit
+from k4trt.export.dit_onnx import export_dit
 from k4trt.export.opcheck import check_graph
 from k4trt.export.twin import write_float32_twin
-from k4trt.models.dit import DiT, build_rope
+from k4trt.models.dit import DiT, build_rope, sdpa_attention
 
 from dit_cases import TINY, random_dit, random_inputs
 
@@ -47,7 +48,7 @@ def exported(tmp_path_factory):
     dit16 = dit16.bfloat16()
     written = tmp_path_factory.mktemp("engines") / "written"
     written.mkdir()
-    export_dit(dit16, written / "dit.bf16.onnx")
+    export_dit(dit16, dit_graph("bf16", TINY), written / "dit.bf16.onnx")
     write_float32_twin(written / "dit.bf16.onnx", written / "dit.bf16.f32.onnx")
     moved = written.parent / "moved"
     shutil.move(written, moved)
@@ -66,7 +67,7 @@ def test_twin_matches_torch_at_two_sizes_on_one_graph(exported):
         # Same float32 function on both sides; the order of float32 roundings differs (ORT's Gemm, LayerNorm
         # and Softmax kernels vs torch's), ~1e-6 relative per op over two blocks, so 1e-4 leaves 100x margin.
         assert relative_error(out, ref) <= 1e-4, size
-    assert dit16.attention == "sdpa"  # the export switched the form only while it ran
+    assert dit16.attention is sdpa_attention  # the export did not change the model it was given
 
 
 def test_graph_carries_the_contract_and_the_precision(exported):
@@ -79,13 +80,19 @@ def test_graph_carries_the_contract_and_the_precision(exported):
         dims = [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim]
         return info.name, info.type.tensor_type.elem_type, dims
 
-    assert [signature(i) for i in graph.input] == [
-        ("x", bf16, ["T", "2*h_patches", "2*w_patches", 16]),
-        ("text", bf16, [TEXT_TOKENS, TINY.in_text_dim]),
-        ("time", f32, [1]),
-        ("rope", bf16, ["T", "h_patches", "w_patches", TINY.head_dim // 2, 2, 2]),
-    ]
-    assert [signature(o) for o in graph.output] == [("velocity", bf16, ["T", "2*h_patches", "2*w_patches", 16])]
+    # Names, dtypes and dynamic axes as the registry states them; the static axes from the model's dims.
+    spec = dit_graph("bf16", TINY)
+    static = {"x": [TINY.in_visual_dim], "text": [TEXT_TOKENS, TINY.in_text_dim], "time": [1],
+              "rope": [TINY.head_dim // 2, 2, 2], "velocity": [TINY.out_visual_dim]}
+    dtype = {torch.bfloat16: bf16, torch.float32: f32}
+
+    def expected(tensor):
+        dims = [a.symbol if a.factor == 1 else f"{a.factor}*{a.symbol}" for _, a in sorted(tensor.dynamic.items())]
+        return tensor.name, dtype[tensor.dtype], dims + static[tensor.name]
+
+    assert [signature(i) for i in graph.input] == [expected(t) for t in spec.inputs]
+    assert [signature(o) for o in graph.output] == [expected(t) for t in spec.outputs]
+    assert signature(graph.input[0])[2][:3] == ["t", "2*h", "2*w"]  # the registry's form, spelled out once
 
     # Strongly typed as the model's dtype flow says: weights and matmuls in bf16, LayerNorms in float32,
     # attention written out as MatMul -> Softmax -> MatMul (one per block, two blocks per pair).
@@ -130,7 +137,7 @@ def test_opcheck_passes_on_the_graph_and_its_twin(exported):
     assert check_graph(folder / "dit.bf16.f32.onnx") == []
 
 
-def test_input_shapes_match_what_the_graph_and_the_sampler_use():
+def test_registry_input_shapes_match_what_the_graph_and_the_sampler_use():
     shapes = dit_input_shapes(TINY, 3, 6, 2)
     assert shapes == {"x": (3, 6, 2, 16), "text": (TEXT_TOKENS, 32), "time": (1,), "rope": (3, 3, 1, 32, 2, 2)}
     assert tuple(build_rope(TINY, 3, 6, 2, dtype=torch.bfloat16).shape) == shapes["rope"]

@@ -20,9 +20,10 @@ import torch
 
 from k4trt.export.opcheck import check_graph
 from k4trt.export.twin import write_float32_twin
-from k4trt.export.vae_onnx import ROLES, cache_inputs, cache_outputs, export_vae, graph_name, vae_input_shapes
+from k4trt.core.graphs import VAE_ROLES, vae_graph, vae_input_shapes, vae_role
+from k4trt.core.vae_schedule import chunk_bounds
+from k4trt.export.vae_onnx import export_vae
 from k4trt.models.vae import VAEDecoder
-from k4trt.runtime.vae_schedule import chunk_bounds
 
 RELATIVE_TOLERANCE = 1e-4
 # torch.onnx merges the caches' "h"/"w" axis names and says so once per cache
@@ -46,23 +47,24 @@ def reference(vae_bf16):
 def graphs(vae_bf16, tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae_graphs")
     paths = {}
-    for role in ROLES:
-        path = folder / f"{graph_name(role)}.onnx"
-        export_vae(vae_bf16, role, path)
-        write_float32_twin(path, folder / f"{graph_name(role)}.f32.onnx")
-        paths[role] = path
+    for role in VAE_ROLES:
+        spec = vae_graph(role, vae_bf16.cfg)
+        export_vae(vae_bf16, spec, folder / spec.onnx)
+        write_float32_twin(folder / spec.onnx, folder / spec.twin)
+        paths[role] = folder / spec.onnx
     return paths
 
 
 @pytest.fixture(scope="module")
-def sessions(graphs):
-    return {role: ort.InferenceSession(str(path.with_name(path.stem + ".f32.onnx")), providers=["CPUExecutionProvider"])
+def sessions(graphs, vae_bf16):
+    return {role: ort.InferenceSession(str(path.with_name(vae_graph(role, vae_bf16.cfg).twin)),
+                                       providers=["CPUExecutionProvider"])
             for role, path in graphs.items()}
 
 
 # Latent sizes differ from the export's example grid (6x10), so the dynamic height and width are exercised.
 @pytest.mark.parametrize("latent_t, h, w", [(1, 4, 6), (3, 5, 7), (7, 6, 4)])
-def test_chunked_decode_matches_pytorch(sessions, reference, latent_t, h, w):
+def test_chunked_decode_matches_pytorch(sessions, reference, vae_bf16, latent_t, h, w):
     seed = random.randrange(2**31)
     z = torch.randn(1, reference.cfg.latent_channels, latent_t, h, w, generator=torch.Generator().manual_seed(seed))
     caches, ort_caches = None, None
@@ -70,9 +72,10 @@ def test_chunked_decode_matches_pytorch(sessions, reference, latent_t, h, w):
         chunk = z[:, :, start:end]
         with torch.inference_mode():
             expected, caches = reference.decode_chunk(chunk, caches)
-        role = "image" if latent_t == 1 else "head" if ort_caches is None else "body"
-        feeds = {"z": chunk.numpy()} | dict(zip(cache_inputs(len(ort_caches or [])), ort_caches or []))
-        frames, *ort_caches = sessions[role].run(None, feeds)
+        role = vae_role(ort_caches is None, end - start)
+        spec = vae_graph(role, vae_bf16.cfg)
+        feeds = dict(zip(spec.input_names, [chunk.numpy(), *(ort_caches or [])], strict=True))
+        frames, *ort_caches = sessions[role].run(spec.output_names, feeds)
         scale = expected.abs().max().item()
         error = np.abs(frames - expected.numpy()).max() / scale
         assert frames.shape == tuple(expected.shape), f"seed {seed}, chunk {start}:{end}"
@@ -88,17 +91,21 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-def test_graphs_have_fixed_frames_dynamic_size_and_ordered_cache_names(graphs, vae_bf16):
+def test_graphs_have_the_registry_names_fixed_frames_and_dynamic_size(graphs, vae_bf16):
     count = len(vae_bf16.cache_names)
     channels = vae_bf16.cfg.latent_channels
     for role, frames_out in (("image", 1), ("head", 9), ("body", 8)):
+        spec = vae_graph(role, vae_bf16.cfg)
         graph = onnx.load(graphs[role], load_external_data=False).graph
-        inputs = {i.name: i for i in graph.input}
-        outputs = [o.name for o in graph.output]
-        assert list(inputs) == ["z", *(cache_inputs(count) if role == "body" else [])]
-        assert outputs == ["frames", *([] if role == "image" else cache_outputs(count))]
-        assert _dims(inputs["z"]) == [1, channels, ROLES[role], "h", "w"]
+        assert [i.name for i in graph.input] == spec.input_names
+        assert [o.name for o in graph.output] == spec.output_names
+        assert len(spec.inputs) == 1 + (count if role == "body" else 0)
+        assert len(spec.outputs) == 1 + (0 if role == "image" else count)
+        assert _dims(graph.input[0]) == [1, channels, VAE_ROLES[role], "h", "w"]
         assert _dims(graph.output[0]) == [1, 3, frames_out, "8*h", "8*w"]
+        for value, tensor in zip((*graph.input, *graph.output), (*spec.inputs, *spec.outputs), strict=True):
+            factor = tensor.dynamic[3].factor  # each cache is a fixed multiple of the latent size, as registered
+            assert _dims(value)[3:] == (["h", "w"] if factor == 1 else [f"{factor}*h", f"{factor}*w"]), value.name
         assert {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)} == {onnx.TensorProto.BFLOAT16}
 
 
@@ -107,7 +114,7 @@ def test_input_shapes_list_the_caches_the_decoder_makes(vae_bf16):
     assert vae_input_shapes(vae_bf16.cfg, "image", h, w) == {"z": (1, 16, 1, h, w)}
     assert vae_input_shapes(vae_bf16.cfg, "head", h, w) == {"z": (1, 16, 3, h, w)}
     body = vae_input_shapes(vae_bf16.cfg, "body", h, w)
-    assert list(body) == ["z", *cache_inputs(len(vae_bf16.cache_names))]
+    assert list(body) == vae_graph("body", vae_bf16.cfg).input_names
     assert list(body.values())[1:] == vae_bf16.cache_shapes(h, w)
     with pytest.raises(ValueError, match="unknown VAE graph role"):
         vae_input_shapes(vae_bf16.cfg, "tail", h, w)

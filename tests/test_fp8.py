@@ -23,16 +23,17 @@ import torch
 
 from k4trt.config import DiTConfig
 from k4trt.errors import K4TRTError
+from k4trt.core.graphs import dit_graph
 from k4trt.export.dit_onnx import export_dit
 from k4trt.export.fp8 import AttentionAmax, FP8Scales, calibrate_dit, calibrate_with_sampler
 from k4trt.export.opcheck import check_graph
 from k4trt.export.twin import write_float32_twin
-from k4trt.models.dit import DiT, build_rope
+from k4trt.models.dit import DiT, build_rope, sdpa_attention
 
 from dit_cases import TINY, random_dit, random_inputs
 from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG, Schedule
-from k4trt.runtime.executor import Executor
-from k4trt.runtime.sampler import draw_noises, sample
+from k4trt.core.executor import Executor
+from k4trt.core.sampler import draw_noises, sample
 
 SIZES = [(1, 4, 6), (3, 6, 2)]
 LINEARS = ("self_attention.to_query_key_value", "self_attention.output_layer",
@@ -69,7 +70,7 @@ def fp8_graph(tmp_path_factory):
     dit16 = DiT(TINY).requires_grad_(False).eval()
     dit16.load_state_dict(dit32.state_dict())
     folder = tmp_path_factory.mktemp("engines")
-    export_dit(dit16.bfloat16(), folder / "dit.fp8.onnx", fp8=scales, fp8_attention=True)
+    export_dit(dit16.bfloat16(), dit_graph("fp8", dit16.cfg), folder / "dit.fp8.onnx", fp8=scales, fp8_attention=True)
     write_float32_twin(folder / "dit.fp8.onnx", folder / "dit.fp8.f32.onnx")
     session = ort.InferenceSession(str(folder / "dit.fp8.f32.onnx"), providers=["CPUExecutionProvider"])
     return dit32, scales, folder, session
@@ -211,3 +212,5 @@ def test_calibration_with_the_sampler_sees_the_sampler_inputs():
     assert calibrate_dit(dit, recording.calls) == scales
     assert set(scales.attention_inputs) == {f"transformer_blocks.0.{j}.self_attention" for j in range(2)}
     assert all(isinstance(a, AttentionAmax) and min(a) > 0 for a in scales.attention_inputs.values())
+    # the caller's model runs as before: its own attention, no recording hook left on any module
+    assert dit.attention is sdpa_attention and not any(m._forward_pre_hooks for m in dit.modules())

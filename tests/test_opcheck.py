@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from k4trt.config import TEXT_TOKENS, DiTConfig
 from k4trt.errors import K4TRTError
+from k4trt.core.graphs import dit_graph
 from k4trt.export.dit_onnx import export_dit
 from k4trt.export.fp8 import calibrate_dit
 from k4trt.export.opcheck import check_graph, require_supported
@@ -32,7 +33,7 @@ def fp8_folder(tmp_path_factory):
              build_rope(TINY, *size, dtype=torch.float32))
     scales = calibrate_dit(dit, [batch])
     folder = tmp_path_factory.mktemp("engines")
-    export_dit(dit.bfloat16(), folder / "dit.fp8.onnx", fp8=scales)
+    export_dit(dit.bfloat16(), dit_graph("fp8", dit.cfg), folder / "dit.fp8.onnx", fp8=scales)
     write_float32_twin(folder / "dit.fp8.onnx", folder / "dit.fp8.f32.onnx")
     return folder
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import flash_attn_shim
+from k4trt.bench import flash_attn_shim
 from k4trt.models.dit import DiT
 from k4trt.models.scheduler import Schedule
 from k4trt.models.text import TextEncoder

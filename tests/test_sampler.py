@@ -8,8 +8,8 @@ from diffusers import CogVideoXDDIMScheduler
 
 from k4trt.config import RELEASED_DIT
 from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG, Schedule
-from k4trt.runtime.executor import Executor
-from k4trt.runtime.sampler import draw_noises, sample
+from k4trt.core.executor import Executor
+from k4trt.core.sampler import draw_noises, sample
 
 SHAPE = (3, 6, 10, 16)
 

@@ -8,7 +8,7 @@ from diffusers import AutoencoderKLCogVideoX
 
 from k4trt.models.vae import VAEDecoder, tiny_vae_config
 from k4trt.runtime.torch_executor import TorchExecutor
-from k4trt.runtime.vae_schedule import chunk_bounds, decode_chunks
+from k4trt.core.vae_schedule import chunk_bounds, decode_chunks
 
 
 def test_chunk_bounds_cover_every_frame_once():

@@ -19,7 +19,7 @@ from k4trt.errors import K4TRTError
 from k4trt.models.dit import DiT, infer_dit_config
 from k4trt.models.vae import VAEDecoder
 from k4trt.weights import download as download_module
-from k4trt.weights.checkpoint import read_dit_state_dict, sha256_file
+from k4trt.weights.checkpoint import read_dit_state_dict
 from k4trt.weights.layout import WeightsFolder
 from k4trt.weights.tiny import TINY_DIT, make_tiny
 
@@ -208,16 +208,6 @@ def test_legacy_format_checkpoint_is_read_without_mmap(tmp_path):
     torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     loaded = read_dit_state_dict(tmp_path / "legacy.pt")
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
-
-
-def test_sha256_file_reads_in_chunks(tiny_weights):
-    path = tiny_weights / "vae/config.json"
-    expected = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert sha256_file(path) == expected
-    assert sha256_file(path, chunk_bytes=7) == expected
-
-
-# download (offline here: only its failure and bookkeeping paths) ----------------------------------
 
 
 def test_download_offline_fails_in_one_line(tmp_path):

@@ -1,4 +1,4 @@
-"""`k4trt bench`: the benchmark harness of benchmarks/ as a k4trt command (same flags as `python -m benchmarks`)."""
+"""`k4trt bench`: the benchmark harness (`k4trt.bench`) as a k4trt command (same flags as `python -m k4trt.bench`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from benchmarks.cli import DESCRIPTION, add_arguments, run
+    from k4trt.bench.cli import DESCRIPTION, add_arguments, run
 
     p = subparsers.add_parser("bench", help="measure per-stage latency, memory and load time of the backends",
                               description=DESCRIPTION)

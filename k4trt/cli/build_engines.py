@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from k4trt import config
 from k4trt.cli.errors import run_cli
-from k4trt.engine.layout import PRECISIONS
+from k4trt.core.graphs import PRECISIONS
 from k4trt.errors import K4TRTError
+
+if TYPE_CHECKING:
+    from k4trt.core.manifest import BuildEnvironment
 
 DESCRIPTION = """\
 Export Kandinsky 4.0 T2V Flash to ONNX and build TensorRT engines in the --out folder:
@@ -22,8 +27,6 @@ Graphs whose weights and settings are unchanged are reused; engines are rebuilt 
 shapes, TensorRT version or GPU changed. Engines cover every size in --sizes and every duration up to
 --max-duration; build them on the GPU that will run them.
 """
-
-DEFAULT_SIZE = (672, 384)  # width, height: the size `k4trt run` makes by default
 
 EPILOG = """\
 examples:
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp8",
                    help="DiT precision: fp8 (FP8 GEMMs, calibrated; fastest) or bf16 (the original's); "
                    "the VAE is always bf16 (default: fp8)")
-    p.add_argument("--sizes", default="x".join(map(str, DEFAULT_SIZE)), metavar="WxH,...",
+    p.add_argument("--sizes", default=config.format_size(config.DEFAULT_SIZE), metavar="WxH,...",
                    help="video sizes the engines must serve; the released model knows "
                    + ", ".join(f"{w}x{h}" for w, h in config.TRAINED_SIZES)
                    + f", other checkpoints any multiple of {config.SIZE_MULTIPLE} (default: %(default)s)")
@@ -70,43 +73,41 @@ def main(argv: list[str] | None = None) -> int:
 
 def build(args: argparse.Namespace) -> int:
     sizes = [config.parse_size(text) for text in args.sizes.split(",") if text.strip()]
-    if not args.onnx_only:
-        _require_engine_builder()
+    try:
+        config.check_duration(args.max_duration)
+    except K4TRTError as e:
+        raise K4TRTError(f"--max-duration: {e}") from None
+    environment = None if args.onnx_only else _require_engine_builder()
     from k4trt.export.calibration import read_prompts
     from k4trt.export.onnx_set import export_onnx
 
     prompts = read_prompts(args.calib_prompts) if args.calib_prompts is not None else None
     start = time.monotonic()
-    onnx = export_onnx(args.weights, args.out, precision=args.precision, sizes=sizes, max_duration=args.max_duration,
-                       calib_prompts=prompts, force=args.force, fp8_attention=args.fp8_attention)
-    done = ", ".join(onnx.exported) if onnx.exported else "nothing (all up to date)"
-    print(f"ONNX in {onnx.engines_dir}: exported {done} in {time.monotonic() - start:.0f} s")
-    if args.onnx_only:
-        print(f'check them on the CPU: k4trt run "PROMPT" --backend onnxruntime --engines {onnx.engines_dir} '
-              f"--weights {args.weights}")
-        return 0
+    with contextlib.ExitStack() as lock:  # one build into a folder at a time, export and engines together
+        onnx = export_onnx(args.weights, args.out, precision=args.precision, sizes=sizes,
+                           max_duration=args.max_duration, calib_prompts=prompts, force=args.force,
+                           fp8_attention=args.fp8_attention, lock=lock)
+        done = ", ".join(onnx.exported) if onnx.exported else "nothing (all up to date)"
+        print(f"ONNX in {onnx.engines_dir}: exported {done} in {time.monotonic() - start:.0f} s")
+        if environment is None:
+            print(f'check them on the CPU: k4trt run "PROMPT" --backend onnxruntime --engines {onnx.engines_dir} '
+                  f"--weights {args.weights}")
+            return 0
+        from k4trt.engine.update import update_engines
 
-    from k4trt.engine.update import update_engines
-
-    update_engines(onnx.engines_dir, onnx.precision, onnx.shapes, weights_dir=args.weights,
-                   weights_files=onnx.weights_files, dit_config=onnx.dit_config,
-                   vae_scaling_factor=onnx.vae_scaling_factor, opt_case=onnx.opt_case, force=args.force)
-    print(f'engines ready in {onnx.engines_dir}: k4trt run "PROMPT" --engines {onnx.engines_dir}')
+        update_engines(onnx, environment, force=args.force)
+    print(f'engines ready in {onnx.engines_dir}: k4trt run "PROMPT" --backend trt --engines {onnx.engines_dir}')
     return 0
 
 
-def _require_engine_builder() -> None:
+def _require_engine_builder() -> BuildEnvironment:
     """TensorRT and a GPU are checked before any export, which can take long."""
-    from k4trt.engine.gpu import current_gpu
-    from k4trt.engine.trt_api import require_tensorrt
+    from k4trt.engine.update import current_environment
 
     try:
-        require_tensorrt()
+        return current_environment()
     except K4TRTError as e:
         raise K4TRTError(f"{e}; or pass --onnx-only to export the ONNX graphs without building engines") from None
-    if current_gpu() is None:
-        raise K4TRTError("building TensorRT engines needs a CUDA GPU and PyTorch sees none; run build-engines on "
-                         "the GPU machine that will run them, or pass --onnx-only")
 
 
 if __name__ == "__main__":

@@ -140,41 +140,49 @@ def _weights(weights_dir: Path) -> list[_Line]:
 
 
 def _engines(engines_dir: Path, weights_dir: Path) -> list[_Line]:
-    from k4trt.engine.fingerprint import sha256_file
-    from k4trt.engine.gpu import current_gpu
-    from k4trt.engine.layout import MANIFEST, rebuild_command
-    from k4trt.engine.manifest import check_compatible, plan_problem, read_manifest
+    """The manifest's plans, each checked by size and, where its file changed identity since it was built,
+    by SHA-256: a plan the stamp cache vouches for is not read."""
+    from k4trt.core.gpu import current_gpu
+    from k4trt.core.graphs import DIT, GRAPH_NAMES
+    from k4trt.core.manifest import MANIFEST, BuildEnvironment, Manifest, plan_problem, rebuild_command
     from k4trt.engine.trt_api import tensorrt_version
     from k4trt.errors import K4TRTError
+    from k4trt.fsutil import sha256_file
 
     build = rebuild_command(engines_dir, str(weights_dir), extra="")
     try:
-        manifest = read_manifest(engines_dir)
+        manifest = Manifest.load(engines_dir)
     except K4TRTError as e:
         return [(False, str(e))]
     if manifest is None:
         return [(False, f"no engines in {engines_dir} (no {MANIFEST}): {build}")]
+    built = {r.graph for r in manifest.engines.values() if r.plan is not None}
+    if not built:
+        exported = ", ".join(sorted(manifest.artifacts)) or "nothing"
+        return [(False, f"{engines_dir} holds exported ONNX graphs ({exported}) but no TensorRT engines yet: {build}")]
     lines: list[_Line] = []
-    missing = [p for p in ("vae_image.plan", "vae_head.plan", "vae_body.plan") if p not in manifest.engines]
-    if not any(record.graph == "dit" for record in manifest.engines.values()):
-        missing.insert(0, "a DiT plan")
+    missing = [("a DiT plan" if g == DIT else f"{g}.plan") for g in GRAPH_NAMES if g not in built]
     if missing:
         lines.append((False, f"{engines_dir} lacks {', '.join(missing)}: {build}"))
     version, gpu = tensorrt_version(), current_gpu()
-    if version is not None and gpu is not None:
-        try:
-            check_compatible(manifest, version, gpu, engines_dir)
-        except K4TRTError as e:
-            lines.append((False, str(e)))
+    env = manifest.environment
+    if version is not None and gpu is not None and env is not None:
+        changes = env.changes_to(BuildEnvironment(version, gpu))
+        if changes:
+            lines.append((False, f"engines in {engines_dir} do not fit this machine ({'; '.join(changes)}): "
+                                 f"{manifest.rebuild_command(engines_dir)}"))
     rebuild = manifest.rebuild_command(engines_dir)
     for plan, record in sorted(manifest.engines.items()):
+        path = engines_dir / plan
         problem = plan_problem(engines_dir, plan, record)
-        if problem is None and record.plan is not None and sha256_file(engines_dir / plan) != record.plan.sha256:
-            problem = f"{engines_dir / plan} differs from the plan that was built (SHA-256 mismatch)"
+        if (problem is None and record.plan is not None and manifest.stamps.stale(path, plan)
+                and sha256_file(path) != record.plan.sha256):
+            problem = f"{path} differs from the plan that was built (SHA-256 mismatch)"
         if problem:
             lines.append((False, f"{problem}: {rebuild}"))
         else:
-            shapes = ", ".join(f"{name} {r.min}..{r.max}" for name, r in record.profile.items() if name in ("x", "z"))
-            lines.append((True, f"{plan} ({record.precision}, built with TensorRT {manifest.tensorrt_version} for "
-                                f"{manifest.gpu.name}; {shapes})"))
+            latent, r = next(iter(record.profile.items()))  # every graph's first input is its latents
+            shapes = f"{latent} {r.min}..{r.max}"
+            where = f"TensorRT {env.tensorrt_version} for {env.gpu.name}" if env is not None else "an unknown TensorRT"
+            lines.append((True, f"{plan} ({record.precision}, built with {where}; {shapes})"))
     return lines

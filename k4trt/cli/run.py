@@ -8,6 +8,7 @@ from pathlib import Path
 from k4trt import config
 from k4trt.errors import K4TRTError
 from k4trt.fsutil import check_writable_dir
+from k4trt.runtime import BACKENDS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,15 +21,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, help="output .mp4 (or .png for --duration 0); default k4trt.mp4/.png")
     p.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder (default: ./weights)")
     p.add_argument("--engines", type=Path, help="engines folder from build-engines (for --backend trt|onnxruntime)")
-    p.add_argument("--backend", choices=("trt", "torch", "onnxruntime"), default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="trt: TensorRT engines (fastest); torch: PyTorch reference; onnxruntime: the exported graphs")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--seed", type=int, help="same seed, same video (default: random, printed)")
     p.add_argument("--duration", type=float, default=12, metavar="SECONDS",
                    help=f"whole seconds, 0-{config.MAX_SECONDS}; 0 makes a single image (default 12)")
-    p.add_argument("--size", default="672x384", metavar="WxH",
+    p.add_argument("--size", default=config.format_size(config.DEFAULT_SIZE), metavar="WxH",
                    help="width x height; the released model knows "
-                   + ", ".join(f"{w}x{h}" for w, h in config.TRAINED_SIZES) + " (default 672x384)")
+                   + ", ".join(config.format_size(s) for s in config.TRAINED_SIZES) + " (default %(default)s)")
     p.add_argument("--save-latents", type=Path, metavar="FILE.npy", help="also save the final latents, float32 (T, H/8, W/8, 16)")
     p.add_argument("--save-frames", type=Path, metavar="FILE.npy", help="also save the frames, float32 (F, H, W, 3) in [0, 1]")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="also save the stage times as JSON")
@@ -48,26 +49,16 @@ def _check_side_outputs(args: argparse.Namespace) -> None:
         check_writable_dir(path.parent.resolve(), f"{flag} {path}")
 
 
-def _is_released(weights: Path) -> bool:
-    """Whether the checkpoint is the released architecture (only its seven trained sizes are allowed). Cheap:
-    the checkpoint is memory-mapped and only its shapes are read."""
-    from k4trt.models.dit import infer_dit_config
-    from k4trt.weights.checkpoint import read_dit_state_dict
-    from k4trt.weights.layout import WeightsFolder
-
-    folder = WeightsFolder(weights).require()
-    return infer_dit_config(read_dit_state_dict(folder.dit)) == config.RELEASED_DIT
-
-
 def run(args: argparse.Namespace) -> int:
-    from k4trt.runtime.pipeline import Pipeline, check_request, save_array
+    from k4trt.runtime.pipeline import Pipeline, check_request, model_dit_config, save_array
     from k4trt.runtime.report import format_table, save_report
 
     width, height = config.parse_size(args.size)
     seconds = config.check_duration(args.duration)
     output = args.output or Path("k4trt.png" if seconds == 0 else "k4trt.mp4")
     _check_side_outputs(args)
-    check_request(args.prompt, seconds, width, height, output, released=_is_released(args.weights))
+    dit = model_dit_config(args.weights, args.backend, args.engines)
+    check_request(args.prompt, seconds, width, height, output, released=config.is_released(dit))
 
     pipe = Pipeline.from_pretrained(args.weights, backend=args.backend, device=args.device, engines=args.engines,
                                     cuda_graph=not args.no_cuda_graph)

@@ -12,33 +12,34 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from k4trt.engine.layout import check_precision, rebuild_command
-from k4trt.engine.manifest import PlanFile
-from k4trt.engine.profiles import ShapeRange, derive_ranges, to_profile
+from k4trt.core.graphs import check_precision
+from k4trt.core.manifest import PlanFile, rebuild_command
+from k4trt.core.profiles import ShapeRange
 from k4trt.engine.trt_api import error_recorder, is_out_of_memory, recorded_errors, require_tensorrt
-from k4trt.errors import K4TRTError
+from k4trt.errors import K4TRTError, first_line
 from k4trt.fsutil import atomic_path, check_writable_dir
 
 if TYPE_CHECKING:
     import tensorrt as trt
+    from polygraphy.backend.trt import Profile
 
 
 def build_engine(
     onnx_path: Path,
     plan_path: Path,
-    shapes: Mapping[str, Sequence[Sequence[int]]],
+    ranges: Mapping[str, ShapeRange],
     timing_cache: Path,
     precision: str,
     *,
-    opt_case: int | None = None,
     optimization_level: int = 3,
     workspace_bytes: int | None = None,
 ) -> PlanFile:
-    """Build `plan_path` from `onnx_path` for every case in `shapes` (see `profiles.derive_ranges`).
+    """Build `plan_path` from `onnx_path` with one optimization profile of `ranges` (per input, from
+    `k4trt.core.graphs.profile`).
 
     `precision` is what the ONNX must carry (fp8: FP8 Q/DQ nodes; bf16: none): in a strongly typed network
     the graph, not a builder flag, decides precision, so this only guards against a mislabelled file.
@@ -49,7 +50,6 @@ def build_engine(
     """
     require_tensorrt()
     check_precision(precision)
-    ranges = derive_ranges(shapes, opt_case)
     _check_onnx_precision(onnx_path, precision)
     check_writable_dir(plan_path.parent, "build-engines")
     progress = BuildProgress(plan_path.name)
@@ -88,7 +88,7 @@ def _serialize(
     try:
         builder, network, _parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
     except PolygraphyException as e:
-        raise K4TRTError(f"TensorRT cannot parse {onnx_path} ({_first_line(e)}); export it again: {again}") from None
+        raise K4TRTError(f"TensorRT cannot parse {onnx_path} ({first_line(e)}); export it again: {again}") from None
     recorder = error_recorder()
     builder.error_recorder = recorder
     monitor = _progress_monitor(progress)
@@ -135,11 +135,6 @@ def _check_onnx_precision(onnx_path: Path, precision: str) -> None:
                          f"with the precision you want: {again}")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 class BuildProgress:
     """Turns TensorRT's nested phase/step callbacks into a status line every `interval` seconds, so a build
     that runs for tens of minutes visibly advances. Thread-safe: TensorRT may report from worker threads."""
@@ -181,6 +176,18 @@ class BuildProgress:
     def _emit(self, text: str) -> None:
         self._last = time.monotonic()
         print(f"[{self.label} {self._last - self._start:6.0f} s] {text}", file=self.out, flush=True)
+
+
+def to_profile(ranges: Mapping[str, ShapeRange]) -> Profile:
+    """The polygraphy `Profile` that `CreateConfig(profiles=[...])` adds to the builder configuration."""
+    try:
+        from polygraphy.backend.trt import Profile
+    except ImportError:
+        raise K4TRTError("polygraphy is not installed: pip install 'k4trt[trt]'") from None
+    profile = Profile()
+    for name, r in ranges.items():
+        profile.add(name, min=r.min, opt=r.opt, max=r.max)
+    return profile
 
 
 def _progress_monitor(progress: BuildProgress) -> trt.IProgressMonitor:

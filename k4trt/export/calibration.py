@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from k4trt import config
+from k4trt.core.executor import default_dtype
 from k4trt.errors import K4TRTError
 from k4trt.export.fp8 import FP8Scales, calibrate_with_sampler
 from k4trt.models.dit import DiT
 from k4trt.models.scheduler import Schedule
 from k4trt.models.text import TextEncoder
-from k4trt.runtime.torch_executor import default_dtype
 from k4trt.weights.layout import WeightsFolder
 
 DEFAULT_PROMPTS = (
@@ -31,7 +31,7 @@ DEFAULT_PROMPTS = (
     "A watercolor painting of a village by a river coming to life, birds flying over rooftops.",
     "A chef slicing vegetables on a wooden board in a sunlit kitchen, shallow depth of field.",
 )
-CALIBRATION_SIZE = (672, 384)  # width, height
+CALIBRATION_SIZE = config.DEFAULT_SIZE  # width, height
 CALIBRATION_SECONDS = 2
 SEED = 0
 

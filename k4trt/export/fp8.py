@@ -34,21 +34,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 from torch import Tensor
 
-import k4trt.models.dit as dit_module
 from k4trt.config import NUM_STEPS
+from k4trt.core.executor import Executor
+from k4trt.core.sampler import draw_noises, sample
 from k4trt.errors import K4TRTError
 from k4trt.fsutil import atomic_path
 from k4trt.models.dit import DiT, MultiheadSelfAttention, TransformerBlock, build_rope
 from k4trt.models.scheduler import Schedule
-from k4trt.runtime.executor import Executor
-from k4trt.runtime.sampler import draw_noises, sample
 
 E4M3_MAX = 448.0
 #: the Linears of every transformer block that run in FP8, by their path inside the block
@@ -122,7 +121,7 @@ def calibrate_dit(dit: DiT, batches: Iterable[tuple[Tensor, Tensor, Tensor, Tens
     """Run `dit` on every (x, text, time, rope) of `batches` and return the amax of each FP8 tensor."""
     with torch.inference_mode(), _AmaxRecorder(dit) as recorder:
         for x, text, time, rope in batches:
-            dit(x, text, time, rope)
+            recorder.dit(x, text, time, rope)
     return recorder.scales()
 
 
@@ -131,10 +130,10 @@ def calibrate_with_sampler(
 ) -> FP8Scales:
     """Calibrate on the DiT inputs of real sampling: the shared 4-step sampler runs once per text embedding
     ([224, D]) and latent shape (T, h, w), run i with noise seed `seed + i`, on `dit`'s device and dtype."""
-    executor = _DiTOnly(dit)
     timesteps = schedule.timesteps(NUM_STEPS)
-    alphas = schedule.alphas_cumprod.to(executor.device)
     with torch.inference_mode(), _AmaxRecorder(dit) as recorder:
+        executor = _DiTOnly(recorder.dit)
+        alphas = schedule.alphas_cumprod.to(executor.device)
         for run, (text, (t, h, w)) in enumerate(itertools.product(texts, latent_shapes)):
             shape = (t, h, w, dit.cfg.in_visual_dim)
             noises = [n.to(executor.dtype).to(executor.device) for n in draw_noises(seed + run, shape, NUM_STEPS)]
@@ -266,10 +265,10 @@ class _AmaxRecorder:
     """While active, records the running amax of every FP8 tensor of `dit` as the model runs.
 
     Linear inputs come from forward pre-hooks. Attention's q, k and v are not module inputs: they are made
-    inside `MultiheadSelfAttention.forward` and passed to the module-level function `multihead_attention` of
-    `k4trt.models.dit`, so that function is wrapped while recording (a pre-hook on each attention module tells
-    the wrapper whose q, k, v it sees). Maxima stay tensors on the model's device until the end, so recording
-    adds no host synchronisation to the loop."""
+    inside `MultiheadSelfAttention.forward` and handed to the DiT's attention function, so `self.dit` is the
+    caller's model with a recording attention (`DiT.with_attention`; the caller's own model is not changed), and
+    a pre-hook on each attention module tells it whose q, k, v it sees. Maxima stay tensors on the model's
+    device until the end, so recording adds no host synchronisation to the loop."""
 
     def __init__(self, dit: DiT) -> None:
         self._dit = dit
@@ -277,18 +276,17 @@ class _AmaxRecorder:
         self._attention: dict[str, Tensor] = {}
         self._running: tuple[str, MultiheadSelfAttention] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._inner = dit.attention
+        self.dit = dit.with_attention(self._attention_function)
 
     def __enter__(self) -> _AmaxRecorder:
         for name in _linear_names(self._dit):
             self._handles.append(self._dit.get_submodule(name).register_forward_pre_hook(partial(self._on_linear, name)))
         for name in _attention_names(self._dit):
             self._handles.append(self._dit.get_submodule(name).register_forward_pre_hook(partial(self._on_attention, name)))
-        self._original = dit_module.multihead_attention
-        dit_module.multihead_attention = self._attention_function
         return self
 
     def __exit__(self, *exc: object) -> None:
-        dit_module.multihead_attention = self._original
         for handle in self._handles:
             handle.remove()
 
@@ -312,13 +310,13 @@ class _AmaxRecorder:
     def _on_attention(self, name: str, module: MultiheadSelfAttention, args: tuple[Tensor, ...]) -> None:
         self._running = (name, module)
 
-    def _attention_function(self, q: Tensor, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def _attention_function(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self._running is None:
             raise RuntimeError("attention ran outside a MultiheadSelfAttention module")
         name, module = self._running
         amax = torch.stack([q.abs().amax() * module.head_dim**-0.5, k.abs().amax(), v.abs().amax()]).float()
         self._update(self._attention, name, amax)
-        return self._original(q, k, v, *args, **kwargs)
+        return self._inner(q, k, v)
 
     @staticmethod
     def _update(maxima: dict[str, Tensor], name: str, amax: Tensor) -> None:
@@ -331,6 +329,7 @@ class _DiTOnly(Executor):
     def __init__(self, dit: DiT) -> None:
         weight = next(dit.parameters())
         self.device, self.dtype, self.dit_config = weight.device, weight.dtype, dit.cfg
+        self.dit_precision = str(weight.dtype).removeprefix("torch.")
         self._dit = dit
 
     def dit(self, x: Tensor, text: Tensor, time: Tensor, rope: Tensor) -> Tensor:

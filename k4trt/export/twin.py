@@ -1,4 +1,4 @@
-"""Float32 twins of bf16 ONNX graphs, and the one way k4trt writes an ONNX file.
+"""Float32 twins of bf16 ONNX graphs.
 
 ONNX Runtime's CPU provider has kernels for few bf16 ops, so the bf16 graphs sent to TensorRT cannot run there.
 Their twin is the same graph, node for node, with bf16 replaced by float32: bf16 initializers and constant
@@ -13,36 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from k4trt.fsutil import atomic_path
+from k4trt.export.onnx_files import save_onnx
 
 _BF16, _F32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
-
-
-def external_data_path(path: Path) -> Path:
-    """Where the weights of the ONNX file `path` live: `<name>.data` beside it (always external, so graphs of
-    any size are written the same way and the .onnx itself stays small enough to inspect)."""
-    return path.with_name(path.name + ".data")
-
-
-def save_onnx(model: ir.Model, path: Path) -> None:
-    """Write `model` to `path` with its weights in `external_data_path(path)`, both atomically.
-
-    Both files are written under temporary names; the data file is renamed first and the .onnx last, so a
-    reader that finds the new .onnx always finds its data. The .onnx is rewritten to name the data file by
-    its final name, because the serializer records the temporary name it wrote to.
-    """
-    data = external_data_path(path)
-    with atomic_path(path) as tmp_onnx, atomic_path(data) as tmp_data:
-        ir.save(model, tmp_onnx, external_data=tmp_data.name)
-        proto = onnx.load(tmp_onnx, load_external_data=False)
-        for tensor in proto.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data.name
-        tmp_onnx.write_bytes(proto.SerializeToString())
 
 
 def write_float32_twin(src: Path, dst: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from k4trt.config import RELEASED_DIT, DiTConfig
 from k4trt.errors import K4TRTError
 
-ATTENTION_FORMS = ("sdpa", "explicit")
 MAX_PERIOD = 10000.0
 
 
@@ -55,24 +54,37 @@ def _rotate(x: Tensor, rope: Tensor) -> Tensor:
     return rotated.flatten(-2).to(x.dtype)
 
 
-def multihead_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, form: str = "sdpa") -> Tensor:
-    """Unmasked attention over q, k, v [S, heads, head_dim] scaled by `scale` (1/√head_dim); returns
-    [S, heads·head_dim]. The scale is a Python number so an export holds it as a constant, not shape arithmetic.
+#: Unmasked joint attention: q, k, v [S, heads, head_dim] -> [S, heads·head_dim], scaled by 1/√head_dim.
+#: The DiT takes it as a constructor argument, so a backend or the exporter chooses the kernel (or the graph
+#: form) without touching the model: `sdpa_attention` runs, `explicit_attention` exports, a sequence-parallel
+#: wrapper exchanges heads around either.
+Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-    "sdpa" is `F.scaled_dot_product_attention` (FlashAttention on a GPU). "explicit" writes out
-    q·scale → MatMul → Softmax → MatMul, the graph TensorRT fuses into its own flash-attention kernels. TensorRT
-    accepts the scale on q alone or √scale on both; q alone is kept because 1/√64 = 1/8 is exact in bf16, where
-    √(1/8) on q and k would round both. In PyTorch the explicit form's scores and softmax are in q's dtype, so in
-    bf16 it is less accurate than "sdpa"; it exists to be exported.
-    """
-    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, S, head_dim]
-    if form == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    elif form == "explicit":
-        out = ((q * scale) @ k.transpose(-1, -2)).softmax(dim=-1) @ v
-    else:
-        raise ValueError(f"attention form {form!r} is not one of {ATTENTION_FORMS}")
+
+def _heads_first(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """[S, heads, d] -> [1, heads, S, d], the layout SDPA's fused kernels take."""
+    return q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+
+
+def _tokens_first(out: Tensor) -> Tensor:
     return out.squeeze(0).transpose(0, 1).flatten(1)
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`F.scaled_dot_product_attention` (FlashAttention on a GPU). The scale is a Python number, so an export
+    holds it as a constant, not shape arithmetic."""
+    q, k, v = _heads_first(q, k, v)
+    return _tokens_first(F.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5))
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q·scale → MatMul → Softmax → MatMul written out: the graph TensorRT fuses into its flash-attention
+    kernels, and where FP8 Q/DQ can sit inside attention. TensorRT accepts the scale on q alone or √scale on
+    both; q alone is kept because 1/√64 = 1/8 is exact in bf16, where √(1/8) on q and k would round both. In
+    PyTorch its scores and softmax are in q's dtype, so in bf16 it is less accurate than SDPA; it exists to
+    be exported."""
+    q, k, v = _heads_first(q, k, v)
+    return _tokens_first(((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(dim=-1) @ v)
 
 
 class TimeEmbeddings(nn.Module):
@@ -136,16 +148,14 @@ class MultiheadSelfAttention(nn.Module):
         q, k, v = qkv.unbind(-3)
         return _layer_norm(self.query_norm, q).to(v.dtype), _layer_norm(self.key_norm, k).to(v.dtype), v
 
-    def forward(self, visual: Tensor, text: Tensor, rope: Tensor, form: str) -> tuple[Tensor, Tensor]:
+    def forward(self, visual: Tensor, text: Tensor, rope: Tensor, attention: Attention) -> tuple[Tensor, Tensor]:
         """Joint attention over [visual; text] tokens ([N, dim], [L, dim]); RoPE rotates visual q and k only."""
         visual_q, visual_k, visual_v = self._qkv(visual)
         text_q, text_k, text_v = self._qkv(text)
-        out = multihead_attention(
+        out = attention(
             torch.cat([_rotate(visual_q, rope), text_q]),
             torch.cat([_rotate(visual_k, rope), text_k]),
             torch.cat([visual_v, text_v]),
-            self.head_dim**-0.5,
-            form,
         )
         out = _linear(self.output_layer, out)
         n = visual.shape[0]
@@ -176,7 +186,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(model_dim, ff_dim)
 
     def forward(
-        self, visual: Tensor, text: Tensor, time_embed: Tensor, rope: Tensor, form: str
+        self, visual: Tensor, text: Tensor, time_embed: Tensor, rope: Tensor, attention: Attention
     ) -> tuple[Tensor, Tensor]:
         v_shift, v_scale, v_gate, v_ff_shift, v_ff_scale, v_ff_gate = self.visual_modulation(time_embed)
         t_shift, t_scale, t_gate, t_ff_shift, t_ff_scale, t_ff_gate = self.text_modulation(time_embed)
@@ -185,7 +195,7 @@ class TransformerBlock(nn.Module):
             _modulate(self.self_attention_norm, visual, v_shift, v_scale),
             _modulate(self.self_attention_norm, text, t_shift, t_scale),
             rope,
-            form,
+            attention,
         )
         visual = visual + v_gate * visual_out
         text = text + t_gate * text_out
@@ -216,13 +226,10 @@ class DiT(nn.Module):
     blocks of the same structure in sequence.
     """
 
-    #: Attention form, see `multihead_attention`: "sdpa" to run in PyTorch, "explicit" for an ONNX export that TensorRT
-    #: fuses. Set it on the instance (`dit.attention = "explicit"`) before exporting.
-    attention: str = "sdpa"
-
-    def __init__(self, cfg: DiTConfig) -> None:
+    def __init__(self, cfg: DiTConfig, attention: Attention = sdpa_attention) -> None:
         super().__init__()
         self.cfg = cfg
+        self.attention = attention
         self.time_embeddings = TimeEmbeddings(cfg.model_dim, cfg.time_dim)
         self.text_embeddings = TextEmbeddings(cfg.in_text_dim, cfg.model_dim)
         self.visual_embeddings = VisualEmbeddings(cfg.in_visual_dim, cfg.model_dim, cfg.patch_size)
@@ -251,6 +258,17 @@ class DiT(nn.Module):
         (pt, ph, pw), (t, h, w) = self.cfg.patch_size, grid
         patches = patches.reshape(t, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3)
         return patches.reshape(t * pt, h * ph, w * pw, -1)
+
+    def with_attention(self, attention: Attention) -> DiT:
+        """The same model (its parameters shared, not copied) computing attention with `attention`; `self` is
+        left as it is, so exporting or calibrating a caller's model never changes how it runs."""
+        twin = DiT.__new__(DiT)
+        nn.Module.__init__(twin)
+        twin.cfg = self.cfg
+        for name, child in self.named_children():
+            twin.add_module(name, child)
+        twin.attention = attention
+        return twin.train(self.training)
 
     @classmethod
     def from_state_dict(

@@ -1,7 +1,9 @@
 """Run a device-side callable as one CUDA graph: captured once, then replayed with a single launch.
 
-The sampler wraps its whole 4-step loop and the VAE wraps its chunk sequence, so the many small kernels
-between TensorRT calls (re-noising, casts, the x0 update) cost one launch instead of one each.
+The pipeline wraps the sampler's whole 4-step loop in one, and one VAE body chunk in another (every chunk
+after the first has the same shapes, so a video replays it once per chunk; the first chunk runs eagerly),
+so the many small kernels between TensorRT calls (re-noising, casts, the x0 update) cost one launch instead
+of one each.
 
 Rules for the wrapped `fn(*tensors)`, as for any CUDA graph (CUDA Programming Guide, "CUDA Graphs"; TensorRT
 Developer Guide, "Working with CUDA Graphs"):
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import torch
+
+from k4trt.errors import first_line
 
 T = TypeVar("T")
 
@@ -83,8 +87,7 @@ class CudaGraphRunner(Generic[T]):
             with torch.cuda.graph(graph):
                 outputs = self.fn(*static)
         except Exception as e:  # whatever the callable raised while being captured: capture is impossible
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            warnings.warn(f"CUDA graph capture failed ({reason}); running eagerly from now on", RuntimeWarning,
+            warnings.warn(f"CUDA graph capture failed ({first_line(e)}); running eagerly from now on", RuntimeWarning,
                           stacklevel=3)
             self.enabled = False
             return result

@@ -16,20 +16,20 @@ import torch
 from tqdm.auto import tqdm
 
 from k4trt import config
+from k4trt.config import DiTConfig
+from k4trt.core.executor import Executor
+from k4trt.core.sampler import draw_noises, sample
+from k4trt.core.vae_schedule import chunk_bounds, decode_chunks
 from k4trt.errors import K4TRTError
 from k4trt.fsutil import atomic_path
 from k4trt.models.dit import build_rope
 from k4trt.models.scheduler import Schedule
 from k4trt.models.text import TextEncoder
+from k4trt.runtime import BACKENDS
 from k4trt.runtime.cuda_graph import CudaGraphRunner
-from k4trt.runtime.executor import Executor
 from k4trt.runtime.report import Recorder
-from k4trt.runtime.sampler import draw_noises, sample
-from k4trt.runtime.vae_schedule import chunk_bounds, decode_chunks
 from k4trt.runtime.video import FrameWriter, check_output_path
 from k4trt.weights.layout import WeightsFolder
-
-BACKENDS = ("trt", "torch", "onnxruntime")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -44,24 +44,48 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def make_executor(
-    backend: str, weights: WeightsFolder, engines: Path | None, device: torch.device
+    backend: str, weights: WeightsFolder, engines: Path | None, device: torch.device, dit_precision: str | None = None
 ) -> Executor:
-    """Imports each backend only when chosen, so a machine without TensorRT or ONNX Runtime can still run."""
+    """Imports each backend only when chosen, so a machine without TensorRT or ONNX Runtime can still run.
+    `dit_precision` chooses among the DiT graphs of an engines folder (default: fp8 where built)."""
+    if backend not in BACKENDS:
+        raise K4TRTError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
-        from k4trt.runtime.torch_executor import TorchExecutor, default_dtype
+        from k4trt.core.executor import default_dtype
+        from k4trt.runtime.torch_executor import TorchExecutor
 
+        if dit_precision is not None:
+            raise K4TRTError("a DiT precision applies to engines (--backend trt or onnxruntime); --backend torch "
+                             "runs bf16 on a GPU and float32 on the CPU")
         return TorchExecutor.from_weights(weights, device, default_dtype(device))
-    if engines is None:
-        raise K4TRTError(f"--backend {backend} needs --engines DIR; build it with: build-engines --out DIR")
+    engines = _require_engines(backend, engines)
     if backend == "onnxruntime":
         from k4trt.runtime.ort_executor import OnnxRuntimeExecutor
 
-        return OnnxRuntimeExecutor(engines, device)
-    if backend == "trt":
-        from k4trt.runtime.trt_executor import TensorRTExecutor
+        return OnnxRuntimeExecutor(engines, device, dit_precision, weights_dir=weights.root)
+    from k4trt.runtime.trt_executor import TensorRTExecutor
 
-        return TensorRTExecutor(engines, device=device)
-    raise K4TRTError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return TensorRTExecutor(engines, dit_precision, device=device, weights_dir=weights.root)
+
+
+def model_dit_config(weights: Path, backend: str, engines: Path | None) -> DiTConfig:
+    """The DiT a run would use, known before anything loads: from the engines' manifest for the engine
+    backends (which never open the checkpoint), else from the checkpoint's tensor shapes (memory-mapped)."""
+    if backend != "torch":
+        from k4trt.runtime.engines_folder import open_engines
+
+        engines = _require_engines(backend, engines)
+        return open_engines(engines, None, "engines").require_model(engines).dit_config
+    from k4trt.models.dit import infer_dit_config
+    from k4trt.weights.checkpoint import read_dit_state_dict
+
+    return infer_dit_config(read_dit_state_dict(WeightsFolder(weights).require().dit))
+
+
+def _require_engines(backend: str, engines: Path | None) -> Path:
+    if engines is None:
+        raise K4TRTError(f"--backend {backend} needs --engines DIR; build it with: build-engines --out DIR")
+    return engines
 
 
 @dataclass
@@ -111,16 +135,20 @@ class Pipeline:
         device: str | torch.device | None = None,
         engines: str | Path | None = None,
         cuda_graph: bool = True,
+        dit_precision: str | None = None,
     ) -> Pipeline:
-        folder = WeightsFolder(weights)
-        folder.require()
+        """`weights` is the original's cache layout; with `engines` (backend trt or onnxruntime) only its text
+        encoder, tokenizer and scheduler are read, the DiT and VAE being compiled into the engines."""
+        if backend not in BACKENDS:
+            raise K4TRTError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        folder = WeightsFolder(weights).require(dit_and_vae=backend == "torch")
+        schedule = Schedule.from_config_dir(folder.scheduler)
         device = resolve_device(device)
         if backend == "trt" and device.type != "cuda":
             raise K4TRTError("--backend trt needs a CUDA GPU; use --backend torch or onnxruntime on the CPU")
-        executor = make_executor(backend, folder, Path(engines) if engines is not None else None, device)
+        executor = make_executor(backend, folder, Path(engines) if engines is not None else None, device, dit_precision)
         text_encoder = TextEncoder.from_pretrained(folder.text_encoder, folder.tokenizer, device, executor.dtype)
-        released = executor.dit_config == config.RELEASED_DIT
-        return cls(text_encoder, executor, Schedule.from_config_dir(folder.scheduler), released, cuda_graph)
+        return cls(text_encoder, executor, schedule, config.is_released(executor.dit_config), cuda_graph)
 
 
     def generate(
@@ -128,9 +156,9 @@ class Pipeline:
         prompt: str,
         *,
         seed: int | None = None,
-        seconds: int = 12,
-        width: int = 672,
-        height: int = 384,
+        seconds: int = config.DEFAULT_SECONDS,
+        width: int = config.DEFAULT_SIZE[0],
+        height: int = config.DEFAULT_SIZE[1],
         output: str | Path | None = None,
         keep_frames: bool = False,
         progress: bool = True,

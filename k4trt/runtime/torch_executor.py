@@ -10,23 +10,18 @@ from collections.abc import Sequence
 
 import torch
 
+from k4trt.core.executor import Executor
 from k4trt.models.dit import DiT
 from k4trt.models.vae import VAEDecoder
-from k4trt.runtime.executor import Executor
 from k4trt.weights.checkpoint import read_dit_state_dict
 from k4trt.weights.layout import WeightsFolder
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU as the original runs; float32 on the CPU, where bf16 matmuls are slow and the
-    reference role wants full precision."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class TorchExecutor(Executor):
     def __init__(self, dit: DiT, vae: VAEDecoder, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
         self.dtype = dtype
+        self.dit_precision = str(dtype).removeprefix("torch.")
         self.dit_config = dit.cfg
         self.vae_scaling_factor = vae.scaling_factor
         self._dit = dit.eval()

@@ -1,8 +1,8 @@
 """The TensorRT executor: the DiT and VAE plans from `build-engines`, run on torch CUDA tensors.
 
-Three execution contexts (DiT, VAE head, VAE body) share ONE block of activation memory sized for the
-largest: they never run at the same time (one stream, in order), so holding three blocks would only waste
-GPU memory. Inputs and outputs are torch tensors bound by address, so nothing is copied between torch and
+Four execution contexts (the DiT and the VAE's image, head and body graphs) share ONE block of activation
+memory sized for the largest: they never run at the same time (one stream, in order), so holding four blocks
+would only waste GPU memory. Inputs and outputs are torch tensors bound by address, so nothing is copied between torch and
 TensorRT and the sampler's loop, TensorRT calls included, can be captured in a CUDA graph.
 """
 
@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from k4trt import config
-from k4trt.engine.gpu import current_gpu
-from k4trt.engine.layout import MANIFEST, PRECISIONS, plan_name, rebuild_command
-from k4trt.engine.manifest import EngineRecord, Manifest, check_compatible, plan_problem, read_manifest
-from k4trt.engine.profiles import uncovered
+from k4trt.core.executor import Executor
+from k4trt.core.gpu import current_gpu
+from k4trt.core.graphs import DIT, GraphSpec, folder_graphs, vae_role
+from k4trt.core.manifest import MANIFEST, BuildEnvironment, EngineRecord, Manifest, plan_problem
+from k4trt.core.profiles import uncovered
 from k4trt.engine.trt_api import error_recorder, is_out_of_memory, recorded_errors, require_tensorrt
 from k4trt.errors import K4TRTError
-from k4trt.runtime.executor import Executor
+from k4trt.runtime.engines_folder import choose_dit, open_engines
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -34,15 +35,16 @@ class _Io:
 
     plan: str
     record: EngineRecord
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
+    spec: GraphSpec
     dtypes: Mapping[str, torch.dtype]
 
 
 class TensorRTExecutor(Executor):
-    def __init__(self, engines_dir: Path | str, precision: str | None = None, device: torch.device | str = "cuda") -> None:
-        """Load `dit.<precision>.plan` (fp8 when None and the folder has it, else bf16), `vae_image.plan`,
-        `vae_head.plan` and `vae_body.plan` from `engines_dir` after checking the manifest says they fit this GPU and TensorRT."""
+    def __init__(self, engines_dir: Path | str, precision: str | None = None, device: torch.device | str = "cuda",
+                 weights_dir: Path | None = None) -> None:
+        """Load the `dit.<precision>` plan (fp8 when None and the folder has it, else bf16) and the VAE's image,
+        head and body plans from `engines_dir` after checking the manifest says they fit this GPU and TensorRT
+        (and, with `weights_dir`, were made from those weights)."""
         require_tensorrt()
         import tensorrt as trt
 
@@ -51,25 +53,24 @@ class TensorRTExecutor(Executor):
         gpu = current_gpu(self.device)
         if gpu is None:
             raise K4TRTError(f"PyTorch cannot use {self.device}; check CUDA_VISIBLE_DEVICES and `nvidia-smi`")
-        manifest = read_manifest(self.engines_dir)
-        if manifest is None:
-            raise K4TRTError(f"no engines in {self.engines_dir} ({MANIFEST} is missing); build them: "
-                             f"{rebuild_command(self.engines_dir, extra='')}")
-        check_compatible(manifest, trt.__version__, gpu, self.engines_dir)
+        manifest = open_engines(self.engines_dir, weights_dir, "engines")
         self._manifest = manifest
+        _check_environment(manifest, BuildEnvironment(trt.__version__, gpu), self.engines_dir)
+        model = manifest.require_model(self.engines_dir)
         self.dtype = torch.bfloat16
-        self.dit_config = manifest.dit_config
-        self.vae_scaling_factor = manifest.vae_scaling_factor
+        self.dit_config = model.dit_config
+        self.vae_scaling_factor = model.vae_scaling_factor
+        built = {name.removesuffix(".plan") for name, r in manifest.engines.items() if r.plan is not None}
+        self.dit_precision = choose_dit(manifest, built, precision, self.engines_dir, "engine")
+        specs = folder_graphs(self.dit_precision, model.dit_config, model.vae_config)
 
-        plans = {"dit": _dit_plan(manifest, precision, self.engines_dir),
-                 "vae_image": "vae_image.plan", "vae_head": "vae_head.plan", "vae_body": "vae_body.plan"}
         self._recorder = error_recorder()
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._runtime.error_recorder = self._recorder
         with torch.cuda.device(self.device):
-            self._engines = {graph: self._deserialize(plan) for graph, plan in plans.items()}
-            self._io = {graph: _read_io(plans[graph], manifest.engines[plans[graph]], engine)
-                        for graph, engine in self._engines.items()}
+            self._engines = {name: self._deserialize(spec.plan) for name, spec in specs.items()}
+            self._io = {name: _read_io(spec, manifest.engines[spec.plan], engine, manifest.rebuild_command(self.engines_dir))
+                        for (name, spec), engine in zip(specs.items(), self._engines.values())}
             self._stream = torch.cuda.Stream(self.device)
             size = max(e.device_memory_size_v2 for e in self._engines.values())
             self._workspace = self._allocate((size,), torch.uint8, "the engines' activation memory")
@@ -79,19 +80,17 @@ class TensorRTExecutor(Executor):
         t, h, w = x.shape[:3]
         seconds = (t - 1) * config.VAE_TEMPORAL_FACTOR // config.FPS
         hint = f"--sizes {w * config.VAE_SPATIAL_FACTOR}x{h * config.VAE_SPATIAL_FACTOR} --max-duration {seconds}"
-        return self._run("dit", {"x": x, "text": text, "time": time, "rope": rope}, hint)["velocity"]
+        (velocity,) = self._run(DIT, (x, text, time, rope), hint)
+        return velocity
 
     def vae_chunk(
         self, z: torch.Tensor, caches: Sequence[torch.Tensor] | None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        # The first chunk of a video (3 latent frames) and an image (1) take different paths through the
-        # decoder, hence different engines; an image has no next chunk, so its engine returns no caches.
-        graph = "vae_body" if caches is not None else "vae_image" if z.shape[2] == 1 else "vae_head"
-        inputs = {"z": z} | {f"cache_in_{k}": c for k, c in enumerate(caches or [])}
+        graph = f"vae_{vae_role(caches is None, z.shape[2])}"
         h, w = z.shape[-2:]
-        out = self._run(graph, inputs, f"--sizes {w * config.VAE_SPATIAL_FACTOR}x{h * config.VAE_SPATIAL_FACTOR}")
-        cache_names = sorted((n for n in out if n.startswith("cache_out_")), key=lambda n: int(n.removeprefix("cache_out_")))
-        return out["frames"], [out[n] for n in cache_names]
+        frames, *new = self._run(graph, (z, *(caches or ())),
+                                 f"--sizes {w * config.VAE_SPATIAL_FACTOR}x{h * config.VAE_SPATIAL_FACTOR}")
+        return frames, new
 
     def close(self) -> None:
         """Contexts before their engines, then the shared memory (TensorRT Developer Guide, "How TensorRT
@@ -101,7 +100,7 @@ class TensorRTExecutor(Executor):
         del self._workspace
         torch.cuda.empty_cache()
 
-    def _run(self, graph: str, inputs: Mapping[str, torch.Tensor], hint: str) -> dict[str, torch.Tensor]:
+    def _run(self, graph: str, tensors: Sequence[torch.Tensor], hint: str) -> list[torch.Tensor]:
         """Bind torch tensors by address and enqueue on this executor's stream.
 
         TensorRT Developer Guide, "The Python API" > "Performing Inference" (set_input_shape, output shapes from
@@ -112,17 +111,18 @@ class TensorRTExecutor(Executor):
         freed after return are only reused by work ordered after this call, so no record_stream is needed.
         """
         io = self._io[graph]
-        if set(inputs) != set(io.inputs):
-            raise ValueError(f"{io.plan} takes inputs {sorted(io.inputs)}, got {sorted(inputs)}")
+        if len(tensors) != len(io.spec.inputs):
+            raise ValueError(f"{io.plan} takes inputs {io.spec.input_names}, got {len(tensors)} tensors")
+        inputs = dict(zip(io.spec.input_names, tensors))
         problems = uncovered(io.record.profile, {name: tuple(t.shape) for name, t in inputs.items()})
         if problems:
-            command = rebuild_command(self.engines_dir, self._manifest.weights_dir, extra=f"{hint} --force")
+            command = self._manifest.rebuild_command(self.engines_dir, extra=f"{hint} --force")
             raise K4TRTError(f"{io.plan} in {self.engines_dir} was not built for this request ({'; '.join(problems)}); "
                              f"rebuild the engines to include it: {command}")
         with torch.cuda.device(self.device):
             return self._enqueue(graph, io, inputs)
 
-    def _enqueue(self, graph: str, io: _Io, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _enqueue(self, graph: str, io: _Io, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         context = self._contexts[graph]
         bound = [t.to(device=self.device, dtype=io.dtypes[name]).contiguous() for name, t in inputs.items()]
         for name, tensor in zip(inputs, bound):
@@ -130,7 +130,7 @@ class TensorRTExecutor(Executor):
                 raise self._failure(f"TensorRT rejected {name} of shape {tuple(tensor.shape)} for {io.plan}")
             context.set_tensor_address(name, tensor.data_ptr())
         outputs: dict[str, torch.Tensor] = {}
-        for name in io.outputs:
+        for name in io.spec.output_names:
             shape = _dims(context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise K4TRTError(f"{io.plan}: output {name} has a data-dependent shape {shape}, which this executor "
@@ -145,7 +145,7 @@ class TensorRTExecutor(Executor):
         if not ok:
             shapes = {name: tuple(t.shape) for name, t in inputs.items()}
             raise self._failure(f"TensorRT failed to run {io.plan} on {shapes}")
-        return outputs
+        return list(outputs.values())
 
     def _deserialize(self, plan: str) -> trt.ICudaEngine:
         """TensorRT Developer Guide, "The Python API" > "Deserializing a Plan". The size recorded at build time
@@ -154,7 +154,7 @@ class TensorRTExecutor(Executor):
         record = self._manifest.engines.get(plan)
         if record is None:
             raise K4TRTError(f"{self.engines_dir} has no {plan} in its {MANIFEST}; build it: "
-                             f"{self._manifest.rebuild_command(self.engines_dir)}")
+                             f"{self._manifest.rebuild_command(self.engines_dir, extra='')}")
         problem = plan_problem(self.engines_dir, plan, record)
         if problem:
             raise K4TRTError(f"{problem}; rebuild the engines: {self._manifest.rebuild_command(self.engines_dir)}")
@@ -212,24 +212,30 @@ def _cuda_device(device: torch.device | str) -> torch.device:
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
-def _dit_plan(manifest: Manifest, precision: str | None, engines_dir: Path) -> str:
-    """The DiT plan to load: the precision asked for, else fp8 when built, else bf16."""
-    built = [p for p in PRECISIONS if plan_name("dit", p) in manifest.engines]
-    chosen = precision if precision is not None else (built[0] if built else "fp8")
-    if chosen not in built:
-        have = f"it has {', '.join(built)}" if built else "it has none"
-        command = rebuild_command(engines_dir, manifest.weights_dir, extra=f"--precision {chosen}")
-        raise K4TRTError(f"{engines_dir} has no {chosen} DiT engine ({have}); build it: {command}")
-    return plan_name("dit", chosen)
+def _check_environment(manifest: Manifest, current: BuildEnvironment, engines_dir: Path) -> None:
+    """Refuse plans built for another GPU model or TensorRT version: they either fail to deserialize or run
+    with tactics tuned for other hardware."""
+    built = manifest.environment
+    if built is not None and not built.changes_to(current):
+        return
+    what = (f"were built for {built.gpu.describe()} with TensorRT {built.tensorrt_version}" if built is not None
+            else "were never built")
+    raise K4TRTError(f"engines in {engines_dir} {what}, but this machine has {current.gpu.describe()} with TensorRT "
+                     f"{current.tensorrt_version}; rebuild them: {manifest.rebuild_command(engines_dir)}")
 
 
-def _read_io(plan: str, record: EngineRecord, engine: trt.ICudaEngine) -> _Io:
+def _read_io(spec: GraphSpec, record: EngineRecord, engine: trt.ICudaEngine, again: str) -> _Io:
+    """The plan's tensor dtypes, after checking its tensors are the registry's (a plan from another k4trt, or
+    hand-built, is refused rather than fed by the wrong names)."""
     import tensorrt as trt
 
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-    outputs = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-    return _Io(plan, record, inputs, outputs, {n: _torch_dtype(plan, n, engine.get_tensor_dtype(n)) for n in names})
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    if set(inputs) != set(spec.input_names) or set(outputs) != set(spec.output_names):
+        raise K4TRTError(f"{spec.plan} has inputs {inputs} and outputs {outputs}, not the {spec.input_names} and "
+                         f"{spec.output_names} this k4trt binds; rebuild it: {again}")
+    return _Io(spec.plan, record, spec, {n: _torch_dtype(spec.plan, n, engine.get_tensor_dtype(n)) for n in names})
 
 
 def _torch_dtype(plan: str, name: str, dtype: trt.DataType) -> torch.dtype:

@@ -1,8 +1,7 @@
-"""Read the DiT checkpoint (a plain torch.save'd state dict) safely, and fingerprint weight files."""
+"""Read the DiT checkpoint (a plain torch.save'd state dict) safely."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -46,16 +45,3 @@ def read_dit_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
             f"e.g. {bad[0]!r}); {_REFETCH}"
         )
     return {k: v for k, v in state.items() if not k.startswith(_RECOMPUTED_PREFIX)}
-
-
-def sha256_file(path: Path | str, chunk_bytes: int = 16 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks so multi-GB checkpoints never sit in memory."""
-    digest = hashlib.sha256()
-    try:
-        with Path(path).open("rb") as f:
-            while chunk := f.read(chunk_bytes):
-                digest.update(chunk)
-    except OSError as e:
-        raise K4TRTError(f"cannot read {path} to fingerprint it ({e.strerror or e}); check it exists and is readable"
-                         ) from None
-    return digest.hexdigest()

@@ -34,17 +34,17 @@ class WeightsFolder:
         self.tokenizer = self.root / "tokenizer"
         self.scheduler = self.root / "scheduler"
 
-    def problems(self) -> list[str]:
-        """One line per missing or malformed item, naming its path; empty when the folder is complete."""
+    def problems(self, dit_and_vae: bool = True) -> list[str]:
+        """One line per missing or malformed item, naming its path; empty when the folder is complete. Without
+        `dit_and_vae`, only what a run over engines reads (text encoder, tokenizer, scheduler): the DiT and
+        the VAE are compiled into the engines."""
         if not self.root.exists():
             return [f"{self.root} does not exist"]
         if not self.root.is_dir():
             return [f"{self.root} is a file, not a folder"]
         found: list[str] = []
-        required = [
-            self.dit,
-            self.vae / "config.json",
-            self.vae / "diffusion_pytorch_model.safetensors",
+        required = [self.dit, self.vae / "config.json", self.vae / "diffusion_pytorch_model.safetensors"] if dit_and_vae else []
+        required += [
             self.text_encoder / "config.json",
             self.tokenizer / "spiece.model",
             self.scheduler / "scheduler_config.json",
@@ -73,14 +73,14 @@ class WeightsFolder:
             return []
         return [f"{single} (or {SHARD_INDEX} with its shards) is missing"]
 
-    def require(self) -> WeightsFolder:
+    def require(self, dit_and_vae: bool = True) -> WeightsFolder:
         """Raise a K4TRTError listing everything missing and how to get it; return self when complete."""
         how = _HOW_TO_FILL.format(root=self.root)
         if not self.root.exists():
             raise K4TRTError(f"weights folder {self.root} does not exist; {how}")
         if not self.root.is_dir():
             raise K4TRTError(f"weights folder {self.root} is a file, not a folder; pass a folder, or {how}")
-        found = self.problems()
+        found = self.problems(dit_and_vae)
         if found:
             raise K4TRTError(f"weights folder {self.root} is incomplete: {'; '.join(found)}; {how}")
         return self

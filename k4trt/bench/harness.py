@@ -18,13 +18,13 @@ import torch
 
 from k4trt import config
 from k4trt.config import DiTConfig
-from k4trt.errors import K4TRTError
+from k4trt.errors import K4TRTError, first_line
 from k4trt.models.vae import VAEConfig
 
-from benchmarks import flops, models
-from benchmarks.settings import ORIGINAL, Settings
-from benchmarks.subjects import Subject, Unavailable, load_k4trt
-from benchmarks.timing import Recorder, summarize, timed
+from k4trt.bench import flops, models
+from k4trt.bench.settings import ORIGINAL, Settings
+from k4trt.bench.subjects import Subject, Unavailable, load_k4trt
+from k4trt.bench.timing import Recorder, summarize, timed
 
 GIB = 1024**3
 DIT = "dit"  # the four steps together: measured as one stage inside a CUDA graph, else summed per run
@@ -93,7 +93,7 @@ def measure(name: str, settings: Settings, log: Log) -> dict:
 
 def _load(name: str, settings: Settings) -> Subject:
     if name == ORIGINAL:
-        from benchmarks.original import load_original
+        from k4trt.bench.original import load_original
 
         return load_original(settings)
     return load_k4trt(name, settings)
@@ -119,8 +119,7 @@ def _not_measured(error: Exception) -> dict:
     if isinstance(error, (Unavailable, K4TRTError)):
         return {"status": "skipped", "reason": str(error)}
     traceback.print_exception(error, file=sys.stderr)
-    text = str(error).strip().splitlines()
-    return {"status": "failed", "error": f"{type(error).__name__}: {text[0]}" if text else type(error).__name__}
+    return {"status": "failed", "error": first_line(error, with_type=True)}
 
 
 def stage_summary(samples: dict[str, list[float]]) -> dict[str, dict]:

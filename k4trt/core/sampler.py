@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from k4trt.runtime.executor import Executor
+from k4trt.core.executor import Executor
 
 
 def draw_noises(seed: int, shape: Sequence[int], num_steps: int) -> list[torch.Tensor]:

@@ -16,11 +16,19 @@ import torch
 from k4trt.config import DiTConfig
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU as the original runs; float32 on the CPU, where bf16 matmuls are slow and the reference
+    role wants full precision."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 class Executor(ABC):
     #: where the sampler keeps its tensors
     device: torch.device
     #: dtype the DiT is fed (bf16 on GPU like the original's autocast; float32 on CPU)
     dtype: torch.dtype
+    #: what the DiT computes in, for reports: "fp8" or "bf16" (the graph's), or the PyTorch dtype's name
+    dit_precision: str
     #: dimensions of the loaded DiT (the sampler needs them for RoPE and shapes)
     dit_config: DiTConfig
     #: the VAE's latent scaling factor (0.7 for CogVideoX-5b)

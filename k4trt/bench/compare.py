@@ -1,4 +1,4 @@
-"""`python -m benchmarks.compare NEW.json --against benchmarks/results/`: exit 1 on a regression.
+"""`python -m k4trt.bench.compare NEW.json --against benchmarks/results/`: exit 1 on a regression.
 
 The baseline is the newest result under the folder (searched recursively; one JSON per run) measured on the
 same device model with the same workload (size, duration, kind of weights). Against it, every backend the
@@ -85,7 +85,7 @@ def compare(new: dict, baseline: dict, threshold: float = DEFAULT_THRESHOLD) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare",
+    parser = argparse.ArgumentParser(prog="python -m k4trt.bench.compare",
                                      description="Check a benchmark result against the committed ones; exit 1 "
                                      "on a regression of a backend's median total beyond the threshold.")
     parser.add_argument("new", type=Path, help="result.json of the run to check")

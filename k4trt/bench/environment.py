@@ -13,7 +13,7 @@ import torch
 
 from k4trt.engine.trt_api import tensorrt_version
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout, when running from one; git then names the commit
 _SMI_FIELDS = ("name", "driver_version", "power.limit", "clocks.sm", "clocks.max.sm", "temperature.gpu")
 
 

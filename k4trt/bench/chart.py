@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from benchmarks.harness import DIT
-from benchmarks.timing import format_seconds
+from k4trt.bench.harness import DIT
+from k4trt.bench.timing import format_seconds
 
 _STEP = re.compile(r"dit step (\d+)")
 _COLOURS = {"text encoder": "#8c6bb1", "prep": "#bdbdbd", DIT: "#08306b", "vae decode": "#e6550d", "output": "#969696"}

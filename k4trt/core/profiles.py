@@ -21,8 +21,8 @@ Costs of the single box, accepted: the elementwise max of landscape and portrait
 736x352 and 352x736) is a corner no case uses, so TensorRT's activation-memory upper bound is sized for up to
 ~2x the largest real token count (a linear, not quadratic, cost with fused attention); and sizes inside the
 box that were not requested also run. Users who want a tighter box pass fewer `--sizes` / a shorter
-`--max-duration` to build-engines. Nothing here knows model internals: the exporter supplies every case's
-concrete input shapes.
+`--max-duration` to build-engines. Nothing here knows model internals: the graph registry (`k4trt.core.graphs`)
+supplies every case's concrete input shapes.
 """
 
 from __future__ import annotations
@@ -30,12 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from k4trt.errors import K4TRTError
-
-if TYPE_CHECKING:
-    from polygraphy.backend.trt import Profile
 
 Shape = tuple[int, ...]
 
@@ -100,18 +94,6 @@ def _check_shape(name: str, shape: Sequence[int]) -> Shape:
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
         raise ValueError(f"input {name!r}: shape {dims} must be positive integers")
     return dims
-
-
-def to_profile(ranges: Mapping[str, ShapeRange]) -> Profile:
-    """The polygraphy `Profile` that `CreateConfig(profiles=[...])` adds to the builder configuration."""
-    try:
-        from polygraphy.backend.trt import Profile
-    except ImportError:
-        raise K4TRTError("polygraphy is not installed: pip install 'k4trt[trt]'") from None
-    profile = Profile()
-    for name, r in ranges.items():
-        profile.add(name, min=r.min, opt=r.opt, max=r.max)
-    return profile
 
 
 def uncovered(ranges: Mapping[str, ShapeRange], shapes: Mapping[str, Sequence[int]]) -> list[str]:

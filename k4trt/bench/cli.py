@@ -1,4 +1,4 @@
-"""The harness's command line, shared by `python -m benchmarks` and `k4trt bench`.
+"""The harness's command line, shared by `python -m k4trt.bench` and `k4trt bench`.
 
 Importing this module is cheap (no torch), so `k4trt --help` stays instant; everything heavy is imported
 when the command runs.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from k4trt.cli.errors import run_cli
 
-from benchmarks.settings import BACKENDS, DEFAULT_PROMPT, REFERENCE_SECONDS, REFERENCE_SIZE
+from k4trt.bench.settings import BACKENDS, DEFAULT_PROMPT, REFERENCE_SECONDS, REFERENCE_SIZE
 
 DESCRIPTION = (
     "Per-stage latency (text encoder, each DiT step, VAE decode, total), load time and peak GPU memory of "
@@ -42,12 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (ignored with random weights)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--out", type=Path, metavar="DIR",
-                   help="output folder (default benchmarks/results/<date>-<device>-<commit>/)")
+                   help="output folder (default ./k4trt-bench/<date>-<device>-<commit>/; commit a baseline under the "
+                   "checkout's benchmarks/results/)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Measure, write result.json / result.md / stages.png, print the table. Exit 1 if a backend failed."""
-    from benchmarks import environment, harness, report, settings
+    from k4trt.bench import environment, harness, report, settings
 
     s = settings.resolve(
         backends=args.backends, size=args.size, duration=args.duration, device=args.device, weights=args.weights,
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="k4trt bench", description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run_cli(lambda: run(args))

@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from k4trt.runtime.executor import Executor
+from k4trt.core.executor import Executor
 
-CHUNK = 2
+CHUNK = 2  # latent frames per chunk
+FIRST_CHUNK = CHUNK + 1  # a video has 2·seconds + 1 latent frames: the odd one goes to the first chunk
 
 
 def chunk_bounds(latent_t: int) -> list[tuple[int, int]]:

@@ -1,6 +1,6 @@
 """One run's result as a JSON document (raw samples included), a Markdown table and the stage chart.
 
-The JSON is the record (benchmarks/results/ keeps one per run, and `benchmarks.compare` reads it); the
+The JSON is the record (a checkout's benchmarks/results/ keeps one per run, and `k4trt.bench.compare` reads it); the
 Markdown and the PNG are views of it, written next to it.
 """
 
@@ -14,14 +14,14 @@ from k4trt.errors import K4TRTError
 from k4trt.fsutil import atomic_path, check_writable_dir
 from k4trt.runtime.report import ORIGINAL_SECONDS, TARGET_SECONDS
 
-from benchmarks import environment, flops
-from benchmarks.harness import DIT
-from benchmarks.settings import Settings
-from benchmarks.timing import format_seconds as seconds
-from benchmarks.timing import timer_method
+from k4trt.bench import environment, flops
+from k4trt.bench.harness import DIT
+from k4trt.bench.settings import Settings
+from k4trt.bench.timing import format_seconds as seconds
+from k4trt.bench.timing import timer_method
 
 SCHEMA = 1
-RESULTS = environment.REPO / "benchmarks" / "results"
+RESULTS = Path("k4trt-bench")  # relative: under the current directory, never inside the installed package
 JSON_NAME, MARKDOWN_NAME, CHART_NAME = "result.json", "result.md", "stages.png"
 RANDOM_WEIGHTS = "random weights: latency only"
 TINY = "tiny random model: a smoke run of the harness, not a measurement of Kandinsky 4"
@@ -65,7 +65,7 @@ def _headline(result: dict) -> dict:
 
 
 def default_out_dir(date: str, device_name: str, commit: str) -> Path:
-    """benchmarks/results/<date>-<device>-<commit>/: one folder, holding one JSON, per run."""
+    """./k4trt-bench/<date>-<device>-<commit>/: one folder, holding one JSON, per run."""
     stamp = re.sub(r"[^0-9T]", "", date.split("+")[0]).replace("T", "-")
     device = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     return RESULTS / f"{stamp}-{device}-{commit}"
@@ -83,7 +83,7 @@ def prepare(out_dir: Path) -> None:
 
 
 def write(doc: dict, out_dir: Path) -> list[Path]:
-    from benchmarks.chart import stage_chart
+    from k4trt.bench.chart import stage_chart
 
     paths = [out_dir / JSON_NAME, out_dir / MARKDOWN_NAME, out_dir / CHART_NAME]
     with atomic_path(paths[0]) as tmp:

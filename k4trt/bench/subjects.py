@@ -17,16 +17,16 @@ from k4trt import config
 from k4trt.engine.trt_api import require_tensorrt
 from k4trt.errors import K4TRTError
 from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG, Schedule
-from k4trt.runtime.executor import Executor
+from k4trt.core.executor import Executor
 from k4trt.runtime.pipeline import Pipeline
 from k4trt.weights.layout import WeightsFolder
 
-from benchmarks import models
+from k4trt.bench import models
 
 if TYPE_CHECKING:
     from k4trt.models.text import TextEncoder
-from benchmarks.settings import Settings
-from benchmarks.timing import Recorder, timed
+from k4trt.bench.settings import Settings
+from k4trt.bench.timing import Recorder, timed
 
 GRAPH_BACKENDS = ("trt-fp8", "trt-bf16", "torch-graph")
 
@@ -47,7 +47,7 @@ class Subject:
 
 def load_k4trt(backend: str, settings: Settings) -> Subject:
     _check_available(backend, settings)
-    from k4trt.runtime.torch_executor import default_dtype
+    from k4trt.core.executor import default_dtype
 
     device = settings.device
     dtype = default_dtype(device)
@@ -113,7 +113,7 @@ class _Generation:
     def __init__(self, settings: Settings, text_encoder: TextEncoder | models.RandomTextEncoder, executor: Executor,
                  graphs: bool) -> None:
         self.settings = settings
-        released = executor.dit_config == config.RELEASED_DIT
+        released = config.is_released(executor.dit_config)
         self.pipeline = Pipeline(text_encoder, executor, _schedule(settings), released, cuda_graph=graphs)  # type: ignore[arg-type]
         self.notes: list[str] = []
         if graphs:

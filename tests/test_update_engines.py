@@ -1,0 +1,197 @@
+"""`update_engines`' decisions on the CPU: TensorRT is replaced by a fake builder that writes a plan file and
+records its calls, so every rebuild decision is checked where TensorRT cannot run.
+
+The folder holds small hand-made graphs under the registry's names for the tiny model, each with external
+data, and a manifest as `build-engines --onnx-only` leaves it (model facts, artifacts, stamps). The reference
+for each decision is the rule it implements: rebuild exactly the plans whose graph, profile, options or build
+environment changed, or whose file is gone or truncated; keep the timing cache only while the manifest vouches
+for where it was measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from k4trt.core.gpu import GpuInfo
+from k4trt.core.graphs import folder_graphs, request_cases
+from k4trt.core.manifest import Artifact, BuildEnvironment, FileDigest, Manifest, ModelFacts, PlanFile
+from k4trt.engine import update as update_mod
+from k4trt.engine.trt_api import MISSING, tensorrt_version
+from k4trt.engine.update import TIMING_CACHE, current_environment, update_engines
+from k4trt.errors import K4TRTError
+from k4trt.export.onnx_set import OnnxSet
+from k4trt.models.vae import tiny_vae_config
+from k4trt.weights.tiny import TINY_DIT
+
+H100 = BuildEnvironment("11.4.0.1", GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 85_000_000_000))
+MODEL = ModelFacts(TINY_DIT, tiny_vae_config())
+SIZES = [(64, 48)]
+
+
+class FakeBuilder:
+    """Writes `plan:<graph sha>:<ranges>` as the plan and appends to the timing cache, as a build would."""
+
+    def __init__(self) -> None:
+        self.built: list[str] = []
+
+    def __call__(self, onnx_path, plan_path, ranges, timing_cache, precision, *, optimization_level, workspace_bytes):
+        self.built.append(plan_path.name)
+        plan = f"plan:{hashlib.sha256(onnx_path.read_bytes()).hexdigest()}:{sorted(ranges.items())}".encode()
+        plan_path.write_bytes(plan)
+        with timing_cache.open("ab") as cache:
+            cache.write(plan_path.name.encode())
+        return PlanFile(len(plan), hashlib.sha256(plan).hexdigest())
+
+
+def _write_graph(path: Path, inputs: list[str], outputs: list[str], seed: int) -> None:
+    """Identity-like graph over the given names, with one external-data initializer that `seed` varies."""
+    weight = numpy_helper.from_array(np.full((4,), seed, dtype=np.float32), "w")
+    nodes = [helper.make_node("Identity", [inputs[0]], [outputs[0]])]
+    nodes += [helper.make_node("Identity", ["w"], [name]) for name in outputs[1:]]
+    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs], [weight])
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, location=path.name + ".data",
+                    size_threshold=0)
+
+
+def _onnx_set(folder: Path, sizes=SIZES, max_seconds: int = 2, seed: int = 0) -> OnnxSet:
+    graphs = folder_graphs("fp8", MODEL.dit_config, MODEL.vae_config)
+    manifest, _ = Manifest.load_or_start(folder, lambda line: None)
+    manifest.model = manifest.model or MODEL
+    for spec in graphs.values():
+        if not (folder / spec.onnx).exists():
+            _write_graph(folder / spec.onnx, spec.input_names, spec.output_names, seed)
+        files = [spec.onnx, spec.onnx + ".data"]
+        manifest.artifacts[spec.stem] = Artifact({}, {f: manifest.file_sha(folder, f) for f in files})
+    manifest.save(folder)
+    return OnnxSet(folder, "fp8", graphs, request_cases(sizes, max_seconds), MODEL, exported=[])
+
+
+@pytest.fixture
+def folder(tmp_path):
+    _onnx_set(tmp_path)
+    return tmp_path
+
+
+def _update(folder: Path, environment=H100, **kwargs):
+    builder, log = FakeBuilder(), []
+    onnx_set = _onnx_set(folder, **{k: kwargs.pop(k) for k in ("sizes", "max_seconds") if k in kwargs})
+    manifest = update_engines(onnx_set, environment, build=builder, log=log.append, **kwargs)
+    return builder.built, log, manifest
+
+
+ALL = ["dit.fp8.plan", "vae_image.plan", "vae_head.plan", "vae_body.plan"]
+
+
+def test_first_build_builds_every_graph_and_records_it(folder):
+    built, log, manifest = _update(folder)
+    assert built == ALL
+    back = Manifest.load(folder)
+    assert back is not None and back.environment == H100
+    assert set(back.engines) == set(ALL)
+    for name, record in back.engines.items():
+        assert record.plan is not None and record.plan.sha256 == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        assert not back.stamps.stale(folder / name, name)  # recorded as written: nobody reads it back to hash it
+    assert back.engines["dit.fp8.plan"].profile["x"].max == (5, 6, 8, 16)  # 2 s at 64x48
+
+
+def test_noop_rerun_builds_nothing_and_reads_no_graph_or_plan(folder, monkeypatch):
+    _update(folder)
+    reads: list[Path] = []
+    monkeypatch.setattr("k4trt.fsutil.sha256_file", lambda path, *a: reads.append(path) or "0" * 64)
+    built, log, _ = _update(folder)
+    assert built == [] and reads == []
+    assert all(line.endswith("is up to date") for line in log)
+
+
+def test_changed_graph_rebuilds_only_its_plan(folder):
+    _update(folder)
+    spec = folder_graphs("fp8", MODEL.dit_config, MODEL.vae_config)["vae_head"]
+    _write_graph(folder / spec.onnx, spec.input_names, spec.output_names, seed=7)  # re-exported from new weights
+    built, log, _ = _update(folder)
+    assert built == ["vae_head.plan"]
+    assert any(line.startswith("building vae_head.plan: ONNX changed: ") and "vae_head.onnx.data" in line for line in log)
+
+
+def test_changed_weights_drop_their_engines_and_the_next_build_makes_them_again(folder):
+    _update(folder)
+    manifest = Manifest.load(folder)
+    assert manifest is not None
+    manifest.artifacts["dit.fp8"] = Artifact({"kandinsky4_distil_512.pt": "old"}, manifest.artifacts["dit.fp8"].files)
+    manifest.weights = {"kandinsky4_distil_512.pt": FileDigest(1, "old")}
+    manifest.record_weights({"kandinsky4_distil_512.pt": FileDigest(1, "new")}, "/w")  # what a re-export does
+    manifest.save(folder)
+    built, _, _ = _update(folder)
+    assert built == ["dit.fp8.plan"]
+
+
+def test_other_durations_rebuild_the_dit_and_other_sizes_every_graph(folder):
+    _update(folder)
+    assert _update(folder, max_seconds=1)[0] == ["dit.fp8.plan"]  # the VAE graphs' shapes do not depend on it
+    assert _update(folder, max_seconds=1, sizes=[(64, 48), (48, 64)])[0] == ALL
+
+
+def test_other_builder_options_rebuild_everything(folder):
+    _update(folder)
+    built, log, _ = _update(folder, optimization_level=5)
+    assert built == ALL and "build options changed" in log[0]
+
+
+@pytest.mark.parametrize("environment", [
+    BuildEnvironment("11.4.0.1", GpuInfo("NVIDIA H200", (9, 0), 150_000_000_000)),
+    BuildEnvironment("11.5.0.2", H100.gpu),
+], ids=["other-gpu", "other-tensorrt"])
+def test_another_environment_rebuilds_everything_and_discards_the_timing_cache(folder, environment):
+    _update(folder)
+    built, log, manifest = _update(folder, environment)
+    assert built == ALL and manifest.environment == environment
+    assert log[0].startswith("rebuilding every engine: ")
+    assert any(line.startswith(f"discarding {folder / TIMING_CACHE}") for line in log)
+    assert (folder / TIMING_CACHE).read_bytes() == b"".join(p.encode() for p in ALL)  # only this build's tactics
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_without_a_trustworthy_manifest_everything_is_rebuilt_and_the_timing_cache_discarded(folder, damage):
+    _update(folder)
+    if damage == "missing":
+        (folder / "manifest.json").unlink()
+    else:
+        (folder / "manifest.json").write_text("{ not json")
+    built, log, _ = _update(folder)
+    assert built == ALL
+    assert any(line.startswith(f"discarding {folder / TIMING_CACHE}") for line in log)
+
+
+def test_a_truncated_or_deleted_plan_is_rebuilt(folder):
+    _update(folder)
+    (folder / "vae_body.plan").write_bytes(b"pl")
+    (folder / "vae_image.plan").unlink()
+    built, log, _ = _update(folder)
+    assert built == ["vae_image.plan", "vae_body.plan"]
+    assert any("truncated or replaced" in line for line in log) and any("is missing" in line for line in log)
+
+
+def test_force_rebuilds_what_is_up_to_date(folder):
+    _update(folder)
+    built, log, _ = _update(folder, force=True)
+    assert built == ALL and all(line.endswith("--force") for line in log)
+
+
+@pytest.mark.skipif(tensorrt_version() is not None, reason="TensorRT is installed; this checks the message without it")
+def test_the_build_environment_needs_tensorrt_and_a_gpu(monkeypatch):
+    with pytest.raises(K4TRTError, match=re.escape(MISSING)):
+        current_environment()
+    monkeypatch.setattr(update_mod, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(update_mod, "tensorrt_version", lambda: "11.4.0.1")
+    monkeypatch.setattr(update_mod, "current_gpu", lambda: None)
+    with pytest.raises(K4TRTError, match="needs a CUDA GPU visible to PyTorch"):
+        current_environment()
+    monkeypatch.setattr(update_mod, "current_gpu", lambda: H100.gpu)
+    assert current_environment() == H100
