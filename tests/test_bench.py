@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from k4trt.bench import compare, flash_attn_shim, flops, harness, models, settings
-from k4trt.bench.cli import main as bench_main
+from k4trt.cli.main import main as k4trt_main
 from k4trt.config import RELEASED_DIT, TEXT_TOKENS
 from k4trt.errors import K4TRTError
 from k4trt.models.dit import build_rope, explicit_attention
@@ -72,7 +72,7 @@ def _read_outputs(out):
 
 def test_tiny_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
-    code = bench_main(["--tiny", "--device", "cpu", "--backends", "torch,trt-fp8,torch-graph", "--repeat", "2",
+    code = k4trt_main(["bench", "--tiny", "--device", "cpu", "--backends", "torch,trt-fp8,torch-graph", "--repeat", "2",
                        "--out", str(out)])
     assert code == 0
     doc, md = _read_outputs(out)
@@ -106,7 +106,7 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
 def test_weights_folder_run(tiny_weights, tmp_path):
     """--weights loads through the product's loaders (TextEncoder with its tokenizer, TorchExecutor)."""
     out = tmp_path / "out"
-    assert bench_main(["--weights", str(tiny_weights), "--device", "cpu", "--backends", "torch", "--size", "64x32",
+    assert k4trt_main(["bench", "--weights", str(tiny_weights), "--device", "cpu", "--backends", "torch", "--size", "64x32",
                        "--duration", "0", "--repeat", "1", "--out", str(out)]) == 0
     doc, md = _read_outputs(out)
     assert doc["settings"]["weights"] == str(tiny_weights)
@@ -206,7 +206,7 @@ def committed(tmp_path):
 def test_compare_flags_a_20_percent_slowdown(committed, tmp_path, capsys):
     new = _write(tmp_path / "new.json", _result("NVIDIA H100", "2026-04-01T00:00:00+00:00",
                                                 {"torch": 12.0, "trt-fp8": 3.0}))
-    assert compare.main([str(new), "--against", str(committed)]) == 1
+    assert k4trt_main(["bench-compare", str(new), "--against", str(committed)]) == 1
     out = capsys.readouterr().out
     assert "b/result.json" in out  # the newest result of the same device, not the H200's or the older one
     assert "torch" in out and "REGRESSION" in out and "+20.0%" in out
@@ -215,7 +215,7 @@ def test_compare_flags_a_20_percent_slowdown(committed, tmp_path, capsys):
 def test_compare_passes_a_5_percent_slowdown(committed, tmp_path):
     new = _write(tmp_path / "new.json", _result("NVIDIA H100", "2026-04-01T00:00:00+00:00",
                                                 {"torch": 10.5, "trt-fp8": 2.9}))
-    assert compare.main([str(new), "--against", str(committed)]) == 0
+    assert k4trt_main(["bench-compare", str(new), "--against", str(committed)]) == 0
 
 
 def test_compare_flags_a_backend_that_stopped_running(committed):
@@ -230,5 +230,5 @@ def test_compare_flags_a_backend_that_stopped_running(committed):
 
 def test_compare_without_a_baseline_passes(committed, tmp_path, capsys):
     new = _write(tmp_path / "new.json", _result("NVIDIA B200", "2026-04-01T00:00:00+00:00", {"torch": 99.0}))
-    assert compare.main([str(new), "--against", str(committed)]) == 0
+    assert k4trt_main(["bench-compare", str(new), "--against", str(committed)]) == 0
     assert "no baseline" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""`python -m k4trt.bench.compare NEW.json --against benchmarks/results/`: exit 1 on a regression.
+"""`k4trt bench-compare NEW.json --against benchmarks/results/`: exit 1 on a regression.
 
 The baseline is the newest result under the folder (searched recursively; one JSON per run) measured on the
 same device model with the same workload (size, duration, kind of weights). Against it, every backend the
@@ -10,13 +10,10 @@ regress from, which is said, and the exit status is 0.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from k4trt.cli.errors import run_cli
 from k4trt.errors import K4TRTError
 
 DEFAULT_THRESHOLD = 0.10
@@ -84,33 +81,22 @@ def compare(new: dict, baseline: dict, threshold: float = DEFAULT_THRESHOLD) -> 
     return findings
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m k4trt.bench.compare",
-                                     description="Check a benchmark result against the committed ones; exit 1 "
-                                     "on a regression of a backend's median total beyond the threshold.")
-    parser.add_argument("new", type=Path, help="result.json of the run to check")
-    parser.add_argument("--against", type=Path, required=True, help="folder of committed results (benchmarks/results/)")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help=f"allowed slowdown of the median total as a fraction (default {DEFAULT_THRESHOLD})")
-    args = parser.parse_args(argv)
-    return run_cli(lambda: _run(args))
-
-
-def _run(args: argparse.Namespace) -> int:
-    if not args.threshold >= 0:
-        raise K4TRTError(f"--threshold {args.threshold} must be a fraction >= 0, e.g. 0.10 for 10 %")
-    new = read_result(args.new)
-    if not args.against.is_dir():
-        print(f"no baseline: {args.against} does not exist (no result committed yet); nothing to compare")
+def check(new_path: Path, against: Path, threshold: float = DEFAULT_THRESHOLD) -> int:
+    """Print the comparison of `new_path` with its baseline under `against`; 1 on a regression, else 0."""
+    if not threshold >= 0:
+        raise K4TRTError(f"--threshold {threshold} must be a fraction >= 0, e.g. 0.10 for 10 %")
+    new = read_result(new_path)
+    if not against.is_dir():
+        print(f"no baseline: {against} does not exist (no result committed yet); nothing to compare")
         return 0
-    found = find_baseline(new, args.new, args.against)
+    found = find_baseline(new, new_path, against)
     if found is None:
-        print(f"no baseline: no result under {args.against} for {' / '.join(map(str, workload_key(new)))}; "
+        print(f"no baseline: no result under {against} for {' / '.join(map(str, workload_key(new)))}; "
               "nothing to compare")
         return 0
     path, baseline = found
     print(f"baseline: {path} (commit {baseline.get('commit')}, {baseline['date']})")
-    findings = compare(new, baseline, args.threshold)
+    findings = compare(new, baseline, threshold)
     for f in findings:
         now = f"{f.new_s:.3f} s" if f.new_s is not None else "-"
         print(f"  {f.backend:<12} {f.baseline_s:8.3f} s -> {now:>9}  {f.detail}")
@@ -120,6 +106,3 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
