@@ -197,6 +197,26 @@ def test_k4trt_run_onnxruntime_agrees_with_torch_within_fp8_error(built, weights
     assert np.abs(frames - ref_frames).mean() < 0.05
 
 
+def test_engine_runs_read_only_the_text_encoder_tokenizer_and_scheduler(built, weights, tmp_path, capsys):
+    """The DiT and the VAE are in the graphs: a weights folder without them runs; one whose files differ from
+    those the graphs were made from is refused with the rebuild command."""
+    partial = tmp_path / "weights"
+    shutil.copytree(weights, partial)
+    (partial / "kandinsky4_distil_512.pt").unlink()
+    shutil.rmtree(partial / "vae")
+    run = ["run", "a sailboat at dawn", "--backend", "onnxruntime", "--engines", str(built.out), "--weights",
+           str(partial), "--device", "cpu", "--seed", "3", "--duration", "0", "--size", "64x64", "-o",
+           str(tmp_path / "image.png"), "--no-progress"]
+    assert k4trt_main(run) == 0, capsys.readouterr().err
+    assert (tmp_path / "image.png").is_file()
+    config = partial / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"steps_offset": 0', '"steps_offset": 0 '))  # same meaning, other file
+    assert k4trt_main(run) == 2
+    err = capsys.readouterr().err
+    assert "were made from other weights than" in err and "scheduler/scheduler_config.json" in err
+    assert f"build-engines --weights {partial} --out {built.out} --force" in err
+
+
 # ---- re-export decisions, with the PyTorch-to-ONNX step replaced by a copy of the graphs exported above ----
 
 
