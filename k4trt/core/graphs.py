@@ -159,6 +159,18 @@ def _dit_sp_graph(precision: str, cfg: DiTConfig, degree: int) -> GraphSpec:
     )
 
 
+def dit_stem_degree(stem: str) -> int | None:
+    """The degree of a DiT graph stem made by `dit_graph` (`dit.bf16` -> 1, `dit.sp4.fp8` -> 4); None for any
+    other stem."""
+    parts = stem.split(".")
+    if parts[0] != DIT or parts[-1] not in PRECISIONS or len(parts) not in (2, 3):
+        return None
+    if len(parts) == 2:
+        return 1
+    degree = parts[1].removeprefix("sp")
+    return int(degree) if parts[1].startswith("sp") and degree.isdigit() and int(degree) > 1 else None
+
+
 def dit_input_shapes(cfg: DiTConfig, latent_t: int, h: int, w: int, degree: int = 1) -> dict[str, Shape]:
     """The DiT graph's input shapes for latents [latent_t, h, w] (one rank's, for `degree` > 1)."""
     pt, ph, pw = cfg.patch_size
