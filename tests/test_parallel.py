@@ -319,3 +319,64 @@ def test_onnxruntime_sp_graph_over_gloo_matches_one_onnxruntime_run(exported, tm
     found = json.loads(out.read_text())
     assert found["graph"] == spec.stem == "dit.sp2.bf16"
     assert found["relative"] <= 1e-4  # four float32 steps of the same graph maths
+
+
+# ---------------------------------------------------------------- several GPUs (NCCL; skipped without them)
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+
+
+def _tensorrt_with_all_to_all() -> str | None:
+    """Why the TensorRT sequence-parallel path cannot run here, or None."""
+    try:
+        from k4trt.engine.collectives import require_all_to_all
+        from k4trt.engine.trt_api import require_tensorrt
+
+        require_tensorrt()
+        require_all_to_all()
+        import nccl.core  # noqa: F401  (nccl4py)
+    except (K4TRTError, ImportError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_over_nccl_the_captured_loop_equals_the_eager_one_and_one_gpu(tiny_weights, tmp_path, capsys):
+    """The torch backend on 2 GPUs: the 4-step loop replayed as one CUDA graph (collectives captured) gives the
+    eager loop's latents, and both track one GPU within bf16 rounding."""
+    common = ["a fox", "--weights", str(tiny_weights), "--size", "64x48", "--duration", "1", "--seed", "2",
+              "--device", "cuda", "--no-progress", "-o"]
+    assert k4trt_main(["run", *common, str(tmp_path / "one.mp4"), "--save-latents", str(tmp_path / "one.npy")]) == 0
+    capsys.readouterr()
+    for name, extra in (("graph", []), ("eager", ["--no-cuda-graph"])):
+        _torchrun(2, "-m", "k4trt", "run", *common, str(tmp_path / f"{name}.mp4"), "--save-latents",
+                  str(tmp_path / f"{name}.npy"), *extra, cwd=tmp_path)
+    one, graph, eager = (np.load(tmp_path / f"{n}.npy") for n in ("one", "graph", "eager"))
+    assert np.array_equal(graph, eager)
+    assert np.abs(graph - one).max() <= 2e-2 * np.abs(one).max()  # bf16 DiT, kernels of other shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@two_gpus
+def test_one_tensorrt_plan_serves_both_ranks(tiny_weights, tmp_path, capsys):
+    """build-engines --sp 2 makes one dit.sp2 plan; two ranks run it with NCCL and track the torch backend."""
+    reason = _tensorrt_with_all_to_all()
+    if reason:
+        pytest.skip(reason)
+    from k4trt.cli.build_engines import main as build_main
+
+    engines = tmp_path / "engines"
+    assert build_main(["--weights", str(tiny_weights), "--out", str(engines), "--precision", "bf16", "--sizes", "64x48",
+                       "--max-duration", "1", "--sp", "2"]) == 0
+    manifest = Manifest.load(engines)
+    assert manifest is not None and manifest.engines["dit.sp2.bf16.plan"].degree == 2
+    common = ["a fox", "--weights", str(tiny_weights), "--size", "64x48", "--duration", "1", "--seed", "2",
+              "--no-progress", "--no-cuda-graph", "-o"]
+    for backend in ("trt", "torch"):
+        _torchrun(2, "-m", "k4trt", "run", *common, str(tmp_path / f"{backend}.mp4"), "--backend", backend,
+                  *(["--engines", str(engines)] if backend == "trt" else []), "--save-latents",
+                  str(tmp_path / f"{backend}.npy"), cwd=tmp_path)
+    trt_latents, torch_latents = np.load(tmp_path / "trt.npy"), np.load(tmp_path / "torch.npy")
+    assert np.abs(trt_latents - torch_latents).max() <= 5e-2 * np.abs(torch_latents).max()
