@@ -23,6 +23,7 @@ class ProcessGroupExchange:
         self.device = device
         self._host_seconds = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._timed_calls = 0
 
     def all_to_all(self, x: Tensor) -> Tensor:
         """Block j of `x` (split along dim 0 into P) to rank j; block i of the result from rank i."""
@@ -40,10 +41,13 @@ class ProcessGroupExchange:
         return torch.cat(parts)
 
     def reset(self) -> None:
-        self._host_seconds, self._events = 0.0, []
+        self._host_seconds, self._events, self._timed_calls = 0.0, [], 0
 
-    def seconds(self) -> float:
-        """Time in collectives since `reset` (waits for the GPU)."""
+    def seconds(self) -> float | None:
+        """Time in collectives since `reset` (waits for the GPU); None when none was timed (a replayed CUDA
+        graph runs its collectives without calling in here)."""
+        if not self._timed_calls:
+            return None
         if self._events:
             torch.cuda.synchronize(self.device)
         return self._host_seconds + sum(a.elapsed_time(b) for a, b in self._events) / 1e3
@@ -53,6 +57,7 @@ class ProcessGroupExchange:
             start = time.perf_counter()
             collective()
             self._host_seconds += time.perf_counter() - start
+            self._timed_calls += 1
         elif torch.cuda.is_current_stream_capturing():
             collective()
         else:
@@ -61,3 +66,4 @@ class ProcessGroupExchange:
             collective()
             stop.record()
             self._events.append((start, stop))
+            self._timed_calls += 1

@@ -229,8 +229,9 @@ class Pipeline:
                 self._on_step = lambda step: (clock.lap(f"dit step {step + 1}"), steps.update())
                 latents = self._loop(text, rope, *noises)
 
-        if isinstance(ex, SequenceParallelExecutor):
-            clock.note("dit exchange", ex.exchange.seconds())
+        exchange = ex.exchange.seconds() if isinstance(ex, SequenceParallelExecutor) else None
+        if exchange is not None:
+            clock.note("dit exchange", exchange)
         frames: list[torch.Tensor] = []
         chunks = tqdm(total=len(chunk_bounds(latent_t)), desc="VAE", unit="chunk", disable=not progress)
         with _writer(output, width, height) as writer, chunks:
