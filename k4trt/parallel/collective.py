@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from k4trt.parallel.attention import AllToAll
+
 OP_TYPE = "DistCollective"
 #: the domain onnxruntime-extensions registers Python custom ops in (its `default_opset_domain()`)
 ORT_PY_OP_DOMAIN = "ai.onnx.contrib"
@@ -22,7 +24,7 @@ def attributes(degree: int) -> dict[str, str | int]:
     return {"collective_operation": ALL_TO_ALL, "reduce_op": "none", "root": -1, "group_size": 0, "nb_rank": degree}
 
 
-def onnx_all_to_all(degree: int):
+def onnx_all_to_all(degree: int) -> AllToAll:
     """The all-to-all of `k4trt.parallel.attention` as it is exported: one DistCollective node (shape and dtype
     those of its input). Outside an export it returns zeros, so it is only for `torch.onnx.export`."""
 

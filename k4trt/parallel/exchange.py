@@ -4,7 +4,8 @@ Two of them: the dim-0 all-to-all of the head exchange and the all-gather of the
 plain c10d calls on the current stream with outputs allocated by the caller's allocator, which PyTorch lets a
 CUDA graph capture on NCCL (CUDA semantics notes, "CUDA Graphs" > usage with torch.distributed: NCCL ≥ 2.9.6).
 `seconds` adds up the time spent in them where it can be measured without changing the run: always on the
-CPU (the calls return when done), on a GPU between CUDA events while not capturing a graph.
+CPU (the calls return when done), on a GPU between CUDA events while not capturing a graph. It includes
+waiting for the slowest rank to arrive, which is what the exchange costs the run.
 """
 
 from __future__ import annotations

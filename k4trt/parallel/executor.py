@@ -9,7 +9,7 @@ sampler sees exactly what a single-GPU executor returns. The VAE calls go to the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
@@ -33,26 +33,25 @@ class SequenceParallelExecutor(Executor):
         if not hasattr(backend, "dit_rows"):
             raise TypeError(f"{type(backend).__name__} cannot run a sequence-parallel DiT")
         self.backend = backend
+        self._rows = cast(RowsBackend, backend).dit_rows
         self.world = world
         self.exchange = exchange
         self.device, self.dtype = backend.device, backend.dtype
         self.dit_precision = backend.dit_precision
         self.dit_config = backend.dit_config
         self.vae_scaling_factor = backend.vae_scaling_factor
-        self._layouts: dict[tuple[int, ...], tuple[TokenLayout, Tensor]] = {}
+        self._layouts: dict[tuple[int, int, int], tuple[TokenLayout, Tensor]] = {}
 
     def dit(self, x: Tensor, text: Tensor, time: Tensor, rope: Tensor) -> Tensor:
         patch = self.dit_config.patch_size
-        grid = tuple(rope.shape[:3])
+        grid = (int(rope.shape[0]), int(rope.shape[1]), int(rope.shape[2]))
         layout, order = self._layout(grid)
         rank = self.world.rank
         patches = patchify(x, patch).flatten(0, 2)
-        rows = self.backend.dit_rows(  # type: ignore[attr-defined]  (checked in __init__)
-            layout.visual_rows(patches, rank), layout.text_block(text, rank), time,
-            layout.visual_rows(rope.flatten(0, 2), rank), order,
-        )
+        rows = self._rows(layout.visual_rows(patches, rank), layout.text_block(text, rank), time,
+                          layout.visual_rows(rope.flatten(0, 2), rank), order)
         gathered = self.exchange.all_gather(rows.to(self.dtype))
-        return unpatchify(layout.visual_tokens(gathered), grid, patch)  # type: ignore[arg-type]
+        return unpatchify(layout.visual_tokens(gathered), grid, patch)
 
     def vae_chunk(self, z: Tensor, caches: Sequence[Tensor] | None) -> tuple[Tensor, list[Tensor]]:
         return self.backend.vae_chunk(z, caches)
@@ -61,7 +60,7 @@ class SequenceParallelExecutor(Executor):
         self._layouts.clear()
         self.backend.close()
 
-    def _layout(self, grid: tuple[int, ...]) -> tuple[TokenLayout, Tensor]:
+    def _layout(self, grid: tuple[int, int, int]) -> tuple[TokenLayout, Tensor]:
         """Per latent grid, built at the first (eager) call and kept, so a captured CUDA graph copies nothing
         from the host."""
         if grid not in self._layouts:
