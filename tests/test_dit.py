@@ -17,6 +17,7 @@ from torch import Tensor
 
 from k4trt.config import RELEASED_DIT, DiTConfig
 from k4trt.errors import K4TRTError
+import k4trt.models.dit as dit_module
 from k4trt.models.dit import (
     DiT,
     TimeEmbeddings,
@@ -210,7 +211,7 @@ def test_patchify_and_unpatchify_layouts(monkeypatch):
     monkeypatch.setattr(model, "out_layer", Tokens())
     x = torch.randn(4, 6, 9, 3)
     with torch.no_grad():
-        tokens = model.visual_embeddings(x)
+        tokens = model.visual_embeddings(dit_module.patchify(x, cfg.patch_size))
         y = model(x, torch.randn(5, 8), torch.tensor([500.0]), build_rope(cfg, 4, 6, 9, torch.float32))
     assert tokens.shape == (2, 3, 3, 36) and y.shape == x.shape
     for t, i, j in np.ndindex(2, 3, 3):

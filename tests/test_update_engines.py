@@ -41,7 +41,8 @@ class FakeBuilder:
     def __init__(self) -> None:
         self.built: list[str] = []
 
-    def __call__(self, onnx_path, plan_path, ranges, timing_cache, precision, *, optimization_level, workspace_bytes):
+    def __call__(self, onnx_path, plan_path, ranges, timing_cache, precision, *, optimization_level, workspace_bytes,
+                 degree=1):
         self.built.append(plan_path.name)
         plan = f"plan:{hashlib.sha256(onnx_path.read_bytes()).hexdigest()}:{sorted(ranges.items())}".encode()
         plan_path.write_bytes(plan)

@@ -69,7 +69,7 @@ def test_make_tiny_writes_the_released_layout(tiny_weights):
 def test_tiny_weights_load_and_are_all_random(tiny_weights):
     state = read_dit_state_dict(tiny_weights / "kandinsky4_distil_512.pt")
     assert infer_dit_config(state) == TINY_DIT  # loadable with the default RoPE axes
-    assert TINY_DIT.num_heads == 2 and TINY_DIT.head_dim == 64
+    assert TINY_DIT.num_heads == 4 and TINY_DIT.head_dim == 64
     dit = DiT.from_state_dict(state)
     assert set(dit.state_dict()) == set(state)
     # The original zero-inits modulations; here no tensor may be constant, or tests could not see mistakes.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from k4trt.bench.harness import DIT
 from k4trt.bench.timing import format_seconds
+from k4trt.runtime.report import WITHIN
 
 _STEP = re.compile(r"dit step (\d+)")
 _COLOURS = {"text encoder": "#8c6bb1", "prep": "#bdbdbd", DIT: "#08306b", "vae decode": "#e6550d", "output": "#969696"}
@@ -61,10 +62,11 @@ def stage_chart(doc: dict, path: Path) -> None:
 
 
 def _stacked_stages(summary: dict[str, dict]) -> list[tuple[str, dict]]:
-    """Stages that add up to a run: the steps when timed one by one (not also their sum), never the total."""
+    """Stages that add up to a run: the steps when timed one by one (not also their sum), never the total nor
+    what was measured within another stage (the sequence-parallel exchange)."""
     has_steps = any(_STEP.fullmatch(stage) for stage in summary)
     return [(stage, cell) for stage, cell in summary.items()
-            if stage != "total" and not (stage == DIT and has_steps)]
+            if stage != "total" and stage not in WITHIN and not (stage == DIT and has_steps)]
 
 
 def _colour(stage: str) -> str:

@@ -1,7 +1,9 @@
 """The k4trt backends as benchmark subjects: load once, then run whole generations with stage marks.
 
 A run is the product's own `Pipeline.generate` with the harness's recorder, so only the executor differs
-between backends. It stops at decoded frames on the device (no video file is written).
+between backends. It stops at decoded frames on the device (no video file is written). Under torchrun each
+rank loads the backend as one rank of a sequence-parallel run (`k4trt.parallel`); rank 0's stages are the
+ones reported, with the time its DiT spent in collectives ("dit exchange").
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from k4trt.engine.trt_api import require_tensorrt
 from k4trt.errors import K4TRTError
 from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG, Schedule
 from k4trt.core.executor import Executor
+from k4trt.parallel import world as parallel
+from k4trt.parallel.exchange import ProcessGroupExchange
+from k4trt.parallel.executor import SequenceParallelExecutor
 from k4trt.runtime.pipeline import Pipeline
 from k4trt.weights.layout import WeightsFolder
 
@@ -51,9 +56,11 @@ def load_k4trt(backend: str, settings: Settings) -> Subject:
 
     device = settings.device
     dtype = default_dtype(device)
-    executor, executor_s = timed(lambda: _executor(backend, settings, dtype), device)
-    text_encoder, text_s = timed(lambda: _text_encoder(settings, executor.dtype), device)
-    generation = _Generation(settings, text_encoder, executor, graphs=backend in GRAPH_BACKENDS)
+    world = parallel.current(device)
+    executor, executor_s = timed(lambda: _executor(backend, settings, dtype, world), device)
+    text_encoder, text_s = (timed(lambda: _text_encoder(settings, executor.dtype), device)
+                            if world is None or world.main else (None, 0.0))
+    generation = _Generation(settings, text_encoder, executor, graphs=backend in GRAPH_BACKENDS, world=world)
     part = "engines" if backend.startswith("trt-") else "dit + vae"
     return Subject(generation.run, generation.close, {"text encoder": text_s, part: executor_s}, generation.notes)
 
@@ -72,7 +79,17 @@ def _check_available(backend: str, settings: Settings) -> None:
             raise Unavailable(f"{backend} runs the engines in --engines, not the tiny model; drop --tiny")
 
 
-def _executor(backend: str, settings: Settings, dtype: torch.dtype) -> Executor:
+def _executor(backend: str, settings: Settings, dtype: torch.dtype, world: parallel.World | None) -> Executor:
+    """The backend's executor; on a rank of a sequence-parallel run, wrapped for it."""
+    exchange = ProcessGroupExchange(world.size, settings.device) if world is not None else None
+    executor = _backend(backend, settings, dtype, world, exchange)
+    if world is None or exchange is None:
+        return executor
+    return SequenceParallelExecutor(executor, world, exchange)
+
+
+def _backend(backend: str, settings: Settings, dtype: torch.dtype, world: parallel.World | None,
+             exchange: ProcessGroupExchange | None) -> Executor:
     from k4trt.runtime.torch_executor import TorchExecutor
 
     device = settings.device
@@ -83,11 +100,12 @@ def _executor(backend: str, settings: Settings, dtype: torch.dtype) -> Executor:
         if settings.engines is None:
             raise Unavailable(f"{backend} needs --engines DIR; build them with: build-engines --weights WEIGHTS "
                               f"--out DIR --precision {precision}")
-        return TensorRTExecutor(settings.engines, precision=precision, device=device)
+        return TensorRTExecutor(settings.engines, precision=precision, device=device, world=world)
     if settings.weights is not None:
-        return TorchExecutor.from_weights(WeightsFolder(settings.weights), device, dtype)
+        return TorchExecutor.from_weights(WeightsFolder(settings.weights), device, dtype, exchange)
     dit_cfg, vae_cfg = (models.TINY_DIT, models.TINY_VAE) if settings.tiny else (config.RELEASED_DIT, models.COGVIDEOX_5B_VAE)
-    return TorchExecutor(models.random_dit(dit_cfg, device, dtype), models.random_vae(vae_cfg, device, dtype), device, dtype)
+    return TorchExecutor(models.random_dit(dit_cfg, device, dtype), models.random_vae(vae_cfg, device, dtype), device, dtype,
+                         exchange)
 
 
 def _text_encoder(settings: Settings, dtype: torch.dtype) -> TextEncoder | models.RandomTextEncoder:
@@ -110,11 +128,12 @@ class _Generation:
     """One whole generation through `Pipeline.generate` — T5, the shared sampler over the executor, the shared
     VAE chunk schedule, CUDA graphs where the backend uses them — stopping at decoded frames (no file)."""
 
-    def __init__(self, settings: Settings, text_encoder: TextEncoder | models.RandomTextEncoder, executor: Executor,
-                 graphs: bool) -> None:
+    def __init__(self, settings: Settings, text_encoder: TextEncoder | models.RandomTextEncoder | None,
+                 executor: Executor, graphs: bool, world: parallel.World | None = None) -> None:
         self.settings = settings
         released = config.is_released(executor.dit_config)
-        self.pipeline = Pipeline(text_encoder, executor, _schedule(settings), released, cuda_graph=graphs)  # type: ignore[arg-type]
+        self.pipeline = Pipeline(text_encoder, executor, _schedule(settings), released, cuda_graph=graphs,  # type: ignore[arg-type]
+                                 world=world)
         self.notes: list[str] = []
         if graphs:
             self.notes.append("CUDA graphs: the 4-step DiT loop as one (steps not separable), VAE chunks after "

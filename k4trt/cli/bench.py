@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from k4trt.bench.compare import DEFAULT_THRESHOLD
 from k4trt.bench.settings import BACKENDS, DEFAULT_PROMPT, REFERENCE_SECONDS, REFERENCE_SIZE
+
+if TYPE_CHECKING:
+    from k4trt.parallel.world import World
 
 DESCRIPTION = (
     "Per-stage latency (text encoder, each DiT step, VAE decode, total), load time and peak GPU memory of "
@@ -46,21 +50,36 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Measure, write result.json / result.md / stages.png, print the table. Exit 1 if a backend failed."""
+    """Measure, write result.json / result.md / stages.png, print the table. Exit 1 if a backend failed. Under
+    torchrun every rank measures as one rank of a sequence-parallel run; rank 0 alone writes and prints."""
+    from k4trt.parallel import world as parallel
+
+    with parallel.from_environment(args.device) as world:
+        return _run(args, world)
+
+
+def _run(args: argparse.Namespace, world: World | None) -> int:
     from k4trt.bench import environment, harness, report, settings
 
+    main = world is None or world.main
+    device = world.device.type if world is not None else args.device
     s = settings.resolve(
-        backends=args.backends, size=args.size, duration=args.duration, device=args.device, weights=args.weights,
+        backends=args.backends, size=args.size, duration=args.duration, device=device, weights=args.weights,
         engines=args.engines, original=args.original, tiny=args.tiny, warmup=args.warmup, repeat=args.repeat,
         prompt=args.prompt, seed=args.seed,
     )
     started = environment.now()
     out = args.out or report.default_out_dir(started, environment.device_name(s.device), environment.git_commit()[0])
-    report.prepare(out)
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if main:
+        report.prepare(out)
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if main else (lambda line: None)  # noqa: E731
     workload = harness.model_flops(s)
     results = harness.run_all(s, workload, log)
+    if not main:
+        return 0
     doc = report.document(s, results, workload, started)
+    if world is not None:
+        doc["settings"]["sequence_parallel_ranks"] = world.size
     paths = report.write(doc, out)
     print(report.markdown(doc))
     for path in paths:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 DESCRIPTION = """\
 Export Kandinsky 4.0 T2V Flash to ONNX and build TensorRT engines in the --out folder:
   dit.<precision>.onnx, vae_image.onnx, vae_head.onnx, vae_body.onnx   the graphs TensorRT builds from
+  dit.sp<P>.<precision>.onnx                                           the DiT for P ranks (--sp P)
   <graph>.f32.onnx                                                     float32 twins for --backend onnxruntime
   dit.fp8.scales.json                                                  FP8 calibration (fp8 only)
   *.plan, timing.cache, manifest.json                                  the engines and what they were built from
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="export and build everything again, even what is up to date (the FP8 calibration is "
                    "reused; delete dit.fp8.scales.json to redo it)")
+    p.add_argument("--sp", type=int, default=1, metavar="P",
+                   help="build the DiT for P sequence-parallel ranks (torchrun --nproc-per-node P -m k4trt run ...): "
+                   "dit.sp{P}.<precision>.onnx, one plan for every rank (default 1: one GPU)")
     p.add_argument("--fp8-attention", action="store_true",
                    help="also run the DiT's attention in FP8 (faster, less exact; needs --precision fp8)")
     return p
@@ -86,17 +90,18 @@ def build(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as lock:  # one build into a folder at a time, export and engines together
         onnx = export_onnx(args.weights, args.out, precision=args.precision, sizes=sizes,
                            max_duration=args.max_duration, calib_prompts=prompts, force=args.force,
-                           fp8_attention=args.fp8_attention, lock=lock)
+                           fp8_attention=args.fp8_attention, degree=args.sp, lock=lock)
         done = ", ".join(onnx.exported) if onnx.exported else "nothing (all up to date)"
         print(f"ONNX in {onnx.engines_dir}: exported {done} in {time.monotonic() - start:.0f} s")
+        launch = "k4trt" if args.sp == 1 else f"torchrun --standalone --nproc-per-node {args.sp} -m k4trt"
         if environment is None:
-            print(f'check them on the CPU: k4trt run "PROMPT" --backend onnxruntime --engines {onnx.engines_dir} '
-                  f"--weights {args.weights}")
+            print(f'check them on the CPU: {launch} run "PROMPT" --backend onnxruntime --engines {onnx.engines_dir} '
+                  f"--weights {args.weights}{' --device cpu' if args.sp > 1 else ''}")
             return 0
         from k4trt.engine.update import update_engines
 
         update_engines(onnx, environment, force=args.force)
-    print(f'engines ready in {onnx.engines_dir}: k4trt run "PROMPT" --backend trt --engines {onnx.engines_dir}')
+    print(f'engines ready in {onnx.engines_dir}: {launch} run "PROMPT" --backend trt --engines {onnx.engines_dir}')
     return 0
 
 

@@ -1,14 +1,23 @@
-"""`k4trt run`: one prompt to one video (or image), with the stage times."""
+"""`k4trt run`: one prompt to one video (or image), with the stage times.
+
+Under `torchrun --nproc-per-node P` it is one rank of a sequence-parallel run (`k4trt.parallel`): the degree is
+the world size; rank 0 writes and prints, the other ranks write and print nothing (their refusals are rank 0's).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from k4trt import config
+from k4trt.cli.errors import EXIT_USER_ERROR
 from k4trt.errors import K4TRTError
 from k4trt.fsutil import check_writable_dir
 from k4trt.runtime import BACKENDS
+
+if TYPE_CHECKING:
+    from k4trt.parallel.world import World
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,20 +59,39 @@ def _check_side_outputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from k4trt.parallel import world as parallel
+
+    with parallel.from_environment(args.device) as world:
+        if world is None or world.main:
+            return _run(args, world)
+        try:
+            return _run(args, world)
+        except K4TRTError:
+            return EXIT_USER_ERROR  # the same refusal is rank 0's to print
+
+
+def _run(args: argparse.Namespace, world: World | None) -> int:
+    from k4trt.parallel.degree import check_degree
     from k4trt.runtime.pipeline import Pipeline, check_request, model_dit_config, save_array
     from k4trt.runtime.report import format_table, save_report
 
+    main = world is None or world.main
     width, height = config.parse_size(args.size)
     seconds = config.check_duration(args.duration)
     output = args.output or Path("k4trt.png" if seconds == 0 else "k4trt.mp4")
     _check_side_outputs(args)
     dit = model_dit_config(args.weights, args.backend, args.engines)
+    if world is not None:
+        check_degree(dit, world.size)
     check_request(args.prompt, seconds, width, height, output, released=config.is_released(dit))
 
-    pipe = Pipeline.from_pretrained(args.weights, backend=args.backend, device=args.device, engines=args.engines,
-                                    cuda_graph=not args.no_cuda_graph)
+    pipe = Pipeline.from_pretrained(args.weights, backend=args.backend,
+                                    device=world.device if world is not None else args.device,
+                                    engines=args.engines, cuda_graph=not args.no_cuda_graph)
     result = pipe.generate(args.prompt, seed=args.seed, seconds=seconds, width=width, height=height, output=output,
                            keep_frames=args.save_frames is not None, progress=not args.no_progress)
+    if not main:
+        return 0
     if args.save_latents:
         save_array(args.save_latents, result.latents)
     if args.save_frames:
@@ -71,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         save_array(args.save_frames, result.frames)
     settings = {"prompt": args.prompt, "seed": result.seed, "duration_s": seconds, "width": width, "height": height,
                 "backend": args.backend, "device": str(pipe.executor.device)}
+    if world is not None:
+        settings["sequence_parallel_ranks"] = world.size
     if args.report:
         save_report(args.report, result.stages, settings)
     print(f"wrote {output} ({config.video_frames(config.latent_frames(seconds))} frames, seed {result.seed})")

@@ -1,6 +1,7 @@
 """The graph registry: every graph that passes from export to engine to runtime, described once.
 
-An engines folder holds, per DiT precision, four graphs: `dit.<precision>` (one denoising step), and the
+An engines folder holds, per DiT precision, four graphs: `dit.<precision>` (one denoising step; for P
+sequence-parallel ranks `dit.sp{P}.<precision>`, the one graph every rank runs on its rows), and the
 VAE decoder's chunk graphs `vae_image` (the lone latent frame of an image), `vae_head` (the first chunk of
 a video, 3 latent frames, caches out) and `vae_body` (every later chunk, 2 latent frames, caches in and
 out). For each graph this module holds its file names (the ONNX TensorRT builds from, with its external
@@ -60,10 +61,12 @@ class TensorSpec:
 @dataclass(frozen=True)
 class GraphSpec:
     name: str  # dit | vae_image | vae_head | vae_body
-    stem: str  # file stem: dit.fp8, dit.bf16, vae_image, ...
+    stem: str  # file stem: dit.fp8, dit.bf16, dit.sp4.fp8, vae_image, ...
     precision: str  # what the graph computes its GEMMs in: fp8 | bf16 (the VAE is always bf16)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: sequence-parallel degree: the number of ranks one call of the graph spans (1: a single GPU's graph)
+    degree: int = 1
 
     @property
     def onnx(self) -> str:
@@ -105,17 +108,28 @@ def check_precision(precision: str) -> str:
 # ---------------------------------------------------------------- the DiT
 
 DIT_INPUTS = ("x", "text", "time", "rope")
+#: the sequence-parallel DiT's inputs: the rank's rows of each single-GPU input, and the attention order
+DIT_SP_INPUTS = ("x", "text", "time", "rope", "order")
 
 
-def dit_graph(precision: str, cfg: DiTConfig) -> GraphSpec:
+def dit_graph(precision: str, cfg: DiTConfig, degree: int = 1) -> GraphSpec:
     """One DiT call: latents x [T, h, w, C], the text embedding [224, D], the timestep [1] (float32) and the
-    RoPE table [T/pt, h/ph, w/pw, head_dim/2, 2, 2] -> velocity [T, h, w, C]; T, h and w are dynamic."""
+    RoPE table [T/pt, h/ph, w/pw, head_dim/2, 2, 2] -> velocity [T, h, w, C]; T, h and w are dynamic.
+
+    With `degree` P > 1, the graph one rank of P runs (`dit.sp{P}.<precision>`, the same on every rank):
+    its rows of the joint sequence in, its rows of the output patches out (see `k4trt.parallel.layout`):
+    x [n, pt·ph·pw·C] visual patches, text [224/P, D], time [1], rope [n, head_dim/2, 2, 2], and `order`
+    [N + 224] int64, which rows of the P ranks' gathered rows are the real tokens, in the single-GPU order
+    [visual; text]; -> velocity [n, C·pt·ph·pw]. n (rows per rank) and N + 224 are dynamic."""
+    check_precision(precision)
+    if degree > 1:
+        return _dit_sp_graph(precision, cfg, degree)
     pt, ph, pw = cfg.patch_size
     grid = {0: Axis("t"), 1: Axis("h"), 2: Axis("w")}
     latent = {0: Axis("t", pt), 1: Axis("h", ph), 2: Axis("w", pw)}
     return GraphSpec(
         name=DIT,
-        stem=f"{DIT}.{check_precision(precision)}",
+        stem=f"{DIT}.{precision}",
         precision=precision,
         inputs=(
             TensorSpec("x", torch.bfloat16, latent),
@@ -127,19 +141,60 @@ def dit_graph(precision: str, cfg: DiTConfig) -> GraphSpec:
     )
 
 
-def dit_input_shapes(cfg: DiTConfig, latent_t: int, h: int, w: int) -> dict[str, Shape]:
-    """The DiT graph's input shapes for latents [latent_t, h, w]."""
+def _dit_sp_graph(precision: str, cfg: DiTConfig, degree: int) -> GraphSpec:
+    rows = {0: Axis("n")}
+    return GraphSpec(
+        name=DIT,
+        stem=f"{DIT}.sp{degree}.{precision}",
+        precision=precision,
+        inputs=(
+            TensorSpec("x", torch.bfloat16, rows),
+            TensorSpec("text", torch.bfloat16),
+            TensorSpec("time", torch.float32),
+            TensorSpec("rope", torch.bfloat16, rows),
+            TensorSpec("order", torch.int64, {0: Axis("m")}),
+        ),
+        outputs=(TensorSpec("velocity", torch.bfloat16, rows),),
+        degree=degree,
+    )
+
+
+def dit_stem_degree(stem: str) -> int | None:
+    """The degree of a DiT graph stem made by `dit_graph` (`dit.bf16` -> 1, `dit.sp4.fp8` -> 4); None for any
+    other stem."""
+    parts = stem.split(".")
+    if parts[0] != DIT or parts[-1] not in PRECISIONS or len(parts) not in (2, 3):
+        return None
+    if len(parts) == 2:
+        return 1
+    degree = parts[1].removeprefix("sp")
+    return int(degree) if parts[1].startswith("sp") and degree.isdigit() and int(degree) > 1 else None
+
+
+def dit_input_shapes(cfg: DiTConfig, latent_t: int, h: int, w: int, degree: int = 1) -> dict[str, Shape]:
+    """The DiT graph's input shapes for latents [latent_t, h, w] (one rank's, for `degree` > 1)."""
     pt, ph, pw = cfg.patch_size
     if min(latent_t, h, w) <= 0 or latent_t % pt or h % ph or w % pw:
         raise K4TRTError(
             f"latent shape {latent_t}x{h}x{w} is not a positive multiple of the DiT patch {cfg.patch_size}; "
             "use a video size that is a multiple of 16"
         )
+    grid = (latent_t // pt, h // ph, w // pw)
+    if degree > 1:
+        tokens = grid[0] * grid[1] * grid[2]
+        rows = -(-tokens // degree)  # visual rows per rank, the last rank's padded at the end
+        return {
+            "x": (rows, cfg.in_visual_dim * pt * ph * pw),
+            "text": (TEXT_TOKENS // degree, cfg.in_text_dim),
+            "time": (1,),
+            "rope": (rows, cfg.head_dim // 2, 2, 2),
+            "order": (tokens + TEXT_TOKENS,),
+        }
     return {
         "x": (latent_t, h, w, cfg.in_visual_dim),
         "text": (TEXT_TOKENS, cfg.in_text_dim),
         "time": (1,),
-        "rope": (latent_t // pt, h // ph, w // pw, cfg.head_dim // 2, 2, 2),
+        "rope": (*grid, cfg.head_dim // 2, 2, 2),
     }
 
 
@@ -206,9 +261,10 @@ def _check_role(role: str) -> None:
 # ---------------------------------------------------------------- a folder's graphs, requests and profiles
 
 
-def folder_graphs(precision: str, dit: DiTConfig, vae: VAEConfig) -> dict[str, GraphSpec]:
-    """{name: spec} of the four graphs one build of `precision` writes into an engines folder."""
-    return {DIT: dit_graph(precision, dit)} | {f"vae_{role}": vae_graph(role, vae) for role in VAE_ROLES}
+def folder_graphs(precision: str, dit: DiTConfig, vae: VAEConfig, degree: int = 1) -> dict[str, GraphSpec]:
+    """{name: spec} of the four graphs one build of `precision` (for `degree` ranks) writes into an engines
+    folder; only the DiT's depends on the degree, the VAE runs on one rank."""
+    return {DIT: dit_graph(precision, dit, degree)} | {f"vae_{role}": vae_graph(role, vae) for role in VAE_ROLES}
 
 
 Case = tuple[int, int, int]  # (width, height, seconds)
@@ -221,7 +277,7 @@ def input_shapes(spec: GraphSpec, dit: DiTConfig, vae: VAEConfig, case: Case) ->
     width, height, seconds = case
     h, w = height // config.VAE_SPATIAL_FACTOR, width // config.VAE_SPATIAL_FACTOR
     if spec.is_dit:
-        return dit_input_shapes(dit, config.latent_frames(seconds), h, w)
+        return dit_input_shapes(dit, config.latent_frames(seconds), h, w, spec.degree)
     return vae_input_shapes(vae, spec.name.removeprefix("vae_"), h, w)
 
 

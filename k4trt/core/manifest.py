@@ -10,7 +10,7 @@
           "dit.fp8.scales.json": {…}, "vae_image": {…}, "vae_head": {…}, "vae_body": {…}},
  "build": {"tensorrt_version": "11.4.0", "gpu": {"name": …, "compute_capability": [9, 0], …}},
  "engines": {"dit.fp8.plan": {"graph": "dit", "precision": "fp8", "onnx": {file: sha}, "profile": {…},
-                              "options": {…}, "plan": {"size": …, "sha256": …}}, …},
+                              "options": {…}, "degree": 1, "plan": {"size": …, "sha256": …}}, …},
  "stamps": {"dit.fp8.onnx.data": {"size": …, "mtime_ns": …, "inode": …, "sha256": …},
             "/abs/weights/kandinsky4_distil_512.pt": {…}, …}}
 ```
@@ -107,6 +107,7 @@ class EngineRecord:
     profile: dict[str, ShapeRange]  # per input
     options: dict[str, int | None]  # builder settings that change the plan (optimization level, workspace)
     plan: PlanFile | None = None  # None until built
+    degree: int = 1  # sequence-parallel ranks the plan runs on (one plan serves them all); 1: one GPU
 
 
 @dataclass
@@ -298,6 +299,7 @@ def _engine_to_json(r: EngineRecord) -> dict[str, Any]:
         "onnx": r.onnx,
         "profile": {name: s.to_json() for name, s in r.profile.items()},
         "options": r.options,
+        "degree": r.degree,
         "plan": dataclasses.asdict(r.plan) if r.plan is not None else None,
     }
 
@@ -311,4 +313,5 @@ def _engine_from_json(data: Mapping[str, Any]) -> EngineRecord:
         profile={name: ShapeRange.from_json(s) for name, s in data["profile"].items()},
         options=dict(data["options"]),
         plan=PlanFile(int(plan["size"]), str(plan["sha256"])) if plan is not None else None,
+        degree=int(data.get("degree", 1)),  # absent in manifests from before sequence parallelism: one GPU
     )

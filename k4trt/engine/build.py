@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 from k4trt.core.graphs import check_precision
 from k4trt.core.manifest import PlanFile, rebuild_command
 from k4trt.core.profiles import ShapeRange
+from k4trt.engine.collectives import place_collectives, placeholder_graph, require_all_to_all
 from k4trt.engine.trt_api import error_recorder, is_out_of_memory, recorded_errors, require_tensorrt
 from k4trt.errors import K4TRTError, first_line
 from k4trt.fsutil import atomic_path, check_writable_dir
@@ -37,9 +38,11 @@ def build_engine(
     *,
     optimization_level: int = 3,
     workspace_bytes: int | None = None,
+    degree: int = 1,
 ) -> PlanFile:
     """Build `plan_path` from `onnx_path` with one optimization profile of `ranges` (per input, from
-    `k4trt.core.graphs.profile`).
+    `k4trt.core.graphs.profile`). A graph for `degree` > 1 sequence-parallel ranks gets its exchanges as
+    DistCollective layers (`k4trt.engine.collectives`); the one plan serves every rank.
 
     `precision` is what the ONNX must carry (fp8: FP8 Q/DQ nodes; bf16: none): in a strongly typed network
     the graph, not a builder flag, decides precision, so this only guards against a mislabelled file.
@@ -52,9 +55,13 @@ def build_engine(
     check_precision(precision)
     _check_onnx_precision(onnx_path, precision)
     check_writable_dir(plan_path.parent, "build-engines")
+    if degree > 1:
+        require_all_to_all()
     progress = BuildProgress(plan_path.name)
-    with _cancel_on_interrupt(progress):
-        plan, cache = _serialize(onnx_path, plan_path, ranges, timing_cache, optimization_level, workspace_bytes, progress)
+    with _cancel_on_interrupt(progress), contextlib.ExitStack() as stack:
+        parsed, placeholders = stack.enter_context(placeholder_graph(onnx_path)) if degree > 1 else (onnx_path, [])
+        plan, cache = _serialize(parsed, plan_path, ranges, timing_cache, optimization_level, workspace_bytes, progress,
+                                 placeholders, degree)
     with atomic_path(timing_cache) as tmp:
         tmp.write_bytes(cache)
     with atomic_path(plan_path) as tmp:
@@ -71,6 +78,8 @@ def _serialize(
     optimization_level: int,
     workspace_bytes: int | None,
     progress: BuildProgress,
+    placeholders: list[str],
+    degree: int,
 ) -> tuple[memoryview, memoryview]:
     """Parse, configure and build; returns (serialized plan, serialized timing cache), as views of TensorRT's
     host memory so a multi-GB plan is not copied before it is written.
@@ -89,6 +98,8 @@ def _serialize(
         builder, network, _parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
     except PolygraphyException as e:
         raise K4TRTError(f"TensorRT cannot parse {onnx_path} ({first_line(e)}); export it again: {again}") from None
+    if degree > 1:
+        place_collectives(network, placeholders, degree)
     recorder = error_recorder()
     builder.error_recorder = recorder
     monitor = _progress_monitor(progress)

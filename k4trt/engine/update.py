@@ -31,7 +31,7 @@ class Builder(Protocol):
     """`k4trt.engine.build.build_engine`'s signature; tests pass a fake that writes a plan and records calls."""
 
     def __call__(self, onnx_path: Path, plan_path: Path, ranges: Mapping[str, ShapeRange], timing_cache: Path,
-                 precision: str, *, optimization_level: int, workspace_bytes: int | None) -> PlanFile: ...
+                 precision: str, *, optimization_level: int, workspace_bytes: int | None, degree: int) -> PlanFile: ...
 
 
 def current_environment() -> BuildEnvironment:
@@ -80,6 +80,7 @@ def update_engines(
             onnx={p.name: manifest.file_sha(folder, p.name) for p in graph_files(folder / spec.onnx, again)},
             profile=profile(spec, onnx.model.dit_config, onnx.model.vae_config, onnx.cases),
             options=options,
+            degree=spec.degree,
         )
         reasons = needs_rebuild(manifest.engines.get(spec.plan), wanted, folder, spec.plan)
         if not reasons and not force:
@@ -87,7 +88,7 @@ def update_engines(
             continue
         log(f"building {spec.plan}: {'; '.join(reasons) if reasons else '--force'}")
         plan = build(folder / spec.onnx, folder / spec.plan, wanted.profile, timing_cache, spec.precision,
-                     optimization_level=optimization_level, workspace_bytes=workspace_bytes)
+                     optimization_level=optimization_level, workspace_bytes=workspace_bytes, degree=spec.degree)
         manifest.stamps.record(folder / spec.plan, spec.plan, plan.sha256)
         manifest.engines[spec.plan] = dataclasses.replace(wanted, plan=plan)
         manifest.save(folder)

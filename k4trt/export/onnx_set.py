@@ -29,7 +29,7 @@ from k4trt.core.graphs import Case, GraphSpec, check_precision, folder_graphs, r
 from k4trt.core.manifest import Artifact, FileDigest, Manifest, ModelFacts, rebuild_command, writing
 from k4trt.errors import K4TRTError
 from k4trt.export.calibration import DEFAULT_PROMPTS, calibrate, calibration_key
-from k4trt.export.dit_onnx import export_dit
+from k4trt.export.dit_onnx import export_dit, move_exchange_to_custom_domain
 from k4trt.export.fp8 import FP8Scales
 from k4trt.export.onnx_files import graph_files
 from k4trt.export.opcheck import require_supported
@@ -38,6 +38,7 @@ from k4trt.export.vae_onnx import export_vae
 from k4trt.fsutil import check_writable_dir
 from k4trt.models.dit import DiT, infer_dit_config
 from k4trt.models.vae import CONFIG_NAME, VAEConfig, VAEDecoder
+from k4trt.parallel.degree import check_degree
 from k4trt.weights.checkpoint import read_dit_state_dict
 from k4trt.weights.layout import WeightsFolder
 
@@ -67,6 +68,7 @@ def export_onnx(
     calib_prompts: Sequence[str] | None = None,
     force: bool = False,
     fp8_attention: bool = False,
+    degree: int = 1,
     log: Callable[[str], None] = print,
     lock: contextlib.ExitStack | None = None,
 ) -> OnnxSet:
@@ -74,6 +76,7 @@ def export_onnx(
     (width, height) pairs; cases are every size with every whole duration from 0 to `max_duration` seconds.
     Every check that needs no model work runs first, so bad input fails before anything is written.
 
+    With `degree` P > 1 the DiT graph is the sequence-parallel one every rank of P runs (`dit.sp{P}.<precision>`).
     The folder's writer lock (`k4trt.core.manifest.writing`) is taken once the folder exists; with `lock`, it
     is entered into that stack, so the caller keeps holding it for the engine build that follows."""
     check_precision(precision)
@@ -89,17 +92,19 @@ def export_onnx(
     if not sizes:
         raise K4TRTError("no sizes given; pass --sizes WxH[,WxH...]")
     model = ModelFacts(infer_dit_config(state), VAEConfig.from_json(weights.vae / CONFIG_NAME))
+    check_degree(model.dit_config, degree)
     for width, height in sizes:
         config.check_size(width, height, released=config.is_released(model.dit_config))
     out_dir = prepare_out_dir(Path(out_dir))
     with contextlib.ExitStack() as own:
         (lock or own).enter_context(writing(out_dir))
-        return _export(weights, state, model, out_dir, precision, sizes, max_duration, prompts, force, fp8_attention, log)
+        return _export(weights, state, model, out_dir, precision, sizes, max_duration, prompts, force, fp8_attention,
+                       degree, log)
 
 
 def _export(weights: WeightsFolder, state: dict[str, torch.Tensor], model: ModelFacts, out_dir: Path, precision: str,
             sizes: list[tuple[int, int]], max_duration: int, prompts: list[str], force: bool, fp8_attention: bool,
-            log: Callable[[str], None]) -> OnnxSet:
+            degree: int, log: Callable[[str], None]) -> OnnxSet:
     manifest, _ = Manifest.load_or_start(out_dir, log)
     calibration_sources = [weights.text_encoder, weights.tokenizer, weights.scheduler] if precision == "fp8" else []
     dit_sha, vae_sha, calibration_sha = (
@@ -109,7 +114,7 @@ def _export(weights: WeightsFolder, state: dict[str, torch.Tensor], model: Model
     for dropped in manifest.record_weights(digests, str(weights.root.resolve())):
         log(f"{dropped}: made from other weights, dropped from the manifest")
     manifest.model = model
-    graphs = folder_graphs(precision, model.dit_config, model.vae_config)
+    graphs = folder_graphs(precision, model.dit_config, model.vae_config, degree)
     models = _Models(weights, state)
     total = len(graphs) + (precision == "fp8")
     with _quiet_exporter(), _Steps(out_dir, manifest, force, total) as steps:
@@ -121,6 +126,8 @@ def _export(weights: WeightsFolder, state: dict[str, torch.Tensor], model: Model
                       lambda: calibrate(weights, state, prompts).save(scales_file), reuse_despite_force=True)
             dit_inputs |= {SCALES_FILE: manifest.artifacts[SCALES_FILE].files[SCALES_FILE],
                            "fp8_attention": "yes" if fp8_attention else "no"}
+        if degree > 1:
+            dit_inputs |= {"sp_degree": str(degree)}
         for spec in graphs.values():
             path = out_dir / spec.onnx
             make = (partial(models.export_dit, spec, path, scales, fp8_attention) if spec.is_dit
@@ -214,6 +221,8 @@ class _Models:
             self._dit = DiT.from_state_dict(self._state, dtype=torch.bfloat16)
         export_dit(self._dit, spec, path, fp8=FP8Scales.load(scales) if scales else None, fp8_attention=fp8_attention)
         write_float32_twin(path, path.with_name(spec.twin))
+        if spec.degree > 1:
+            move_exchange_to_custom_domain(path.with_name(spec.twin))
 
     def export_vae(self, spec: GraphSpec, path: Path) -> None:
         if self._vae is None:

@@ -116,11 +116,24 @@ class VisualEmbeddings(nn.Module):
         self.patch_size = patch_size
         self.in_layer = nn.Linear(math.prod(patch_size) * visual_dim, model_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """[T, H, W, C] → [T/pt, H/ph, W/pw, model_dim]; each patch flattens as (pt, ph, pw, C)."""
-        (pt, ph, pw), (t, h, w, c) = self.patch_size, x.shape
-        patches = x.reshape(t // pt, pt, h // ph, ph, w // pw, pw, c).permute(0, 2, 4, 1, 3, 5, 6)
-        return _linear(self.in_layer, patches.flatten(3))
+    def forward(self, patches: Tensor) -> Tensor:
+        """Patches [..., prod(patch)·C] (from `patchify`) → tokens [..., model_dim]."""
+        return _linear(self.in_layer, patches)
+
+
+def patchify(x: Tensor, patch_size: tuple[int, int, int]) -> Tensor:
+    """Latents [T, H, W, C] → patches [T/pt, H/ph, W/pw, pt·ph·pw·C]; each patch flattens as (pt, ph, pw, C)."""
+    (pt, ph, pw), (t, h, w, c) = patch_size, x.shape
+    patches = x.reshape(t // pt, pt, h // ph, ph, w // pw, pw, c).permute(0, 2, 4, 1, 3, 5, 6)
+    return patches.flatten(3)
+
+
+def unpatchify(patches: Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> Tensor:
+    """Output patches [t·h·w, C·pt·ph·pw] → [t·pt, h·ph, w·pw, C]. Output patches flatten as (C, pt, ph, pw),
+    unlike the input's (pt, ph, pw, C)."""
+    (pt, ph, pw), (t, h, w) = patch_size, grid
+    patches = patches.reshape(t, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3)
+    return patches.reshape(t * pt, h * ph, w * pw, -1)
 
 
 class Modulation(nn.Module):
@@ -242,22 +255,24 @@ class DiT(nn.Module):
     def forward(self, x: Tensor, text: Tensor, time: Tensor, rope: Tensor) -> Tensor:
         """x [T, H, W, C_in] latents, text [L, text_dim], time [1] float32 timestep (e.g. 999.0), rope from
         `build_rope(cfg, T, H, W, ...)`. Returns the velocity [T, H, W, C_out] in the weights' dtype."""
+        visual = self.visual_embeddings(patchify(x, self.cfg.patch_size))
+        grid = visual.shape[:3]
+        patches = self.tokens(visual.flatten(0, 2), text, time, rope.flatten(0, 2))
+        return unpatchify(patches, grid, self.cfg.patch_size)
+
+    def tokens(self, visual: Tensor, text: Tensor, time: Tensor, rope: Tensor) -> Tensor:
+        """Everything between the patches: embedded visual tokens [N, dim], the text embedding [L, text_dim],
+        the timestep and the RoPE rows of the visual tokens [N, head_dim/2, 2, 2] -> output patches
+        [N, C_out·prod(patch)]. Every op here but attention acts token by token, so a sequence-parallel rank
+        runs it on its own rows (any N and L), with an attention that exchanges heads for the rest."""
         time_embed = self.time_embeddings(time)
         text = self.text_embeddings(text)
-        visual = self.visual_embeddings(x)
-        grid = visual.shape[:3]
-        visual = visual.flatten(0, 2)
-        rope = rope.float().flatten(0, 2).unsqueeze(1)  # [N, 1 (heads), head_dim/2, 2, 2]
+        rope = rope.float().unsqueeze(1)  # [N, 1 (heads), head_dim/2, 2, 2]
 
         for pair in self.transformer_blocks:
             for block in pair.children():
                 visual, text = block(visual, text, time_embed, rope, self.attention)
-
-        patches = self.out_layer(visual, time_embed)
-        # Output patches flatten as (C, pt, ph, pw), unlike the input's (pt, ph, pw, C).
-        (pt, ph, pw), (t, h, w) = self.cfg.patch_size, grid
-        patches = patches.reshape(t, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3)
-        return patches.reshape(t * pt, h * ph, w * pw, -1)
+        return self.out_layer(visual, time_embed)
 
     def with_attention(self, attention: Attention) -> DiT:
         """The same model (its parameters shared, not copied) computing attention with `attention`; `self` is

@@ -5,6 +5,8 @@ Its job is checking the exported files where no GPU is: `k4trt run --backend onn
 with bf16 widened to float32, `k4trt.export.twin`); the executor's dtype is therefore float32. The model facts
 the sampler needs (DiT dimensions, VAE scaling factor) come from the manifest, so no weights are loaded.
 Sessions are created on first use: an image never loads the VAE head or body, a video never the image graph.
+On a rank of a sequence-parallel run (`exchange` given) it runs the folder's `dit.sp{P}` twin on the rank's
+rows, its all-to-all a custom op over the process group (`k4trt.runtime.ort_collective`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import torch
 from k4trt.core.executor import Executor
 from k4trt.core.graphs import DIT, folder_graphs, vae_role
 from k4trt.errors import K4TRTError, first_line
+from k4trt.parallel.exchange import ProcessGroupExchange
 from k4trt.runtime.engines_folder import choose_dit, open_engines
 
 
 class OnnxRuntimeExecutor(Executor):
     def __init__(self, engines_dir: Path | str, device: torch.device | str = "cpu", precision: str | None = None,
-                 weights_dir: Path | None = None) -> None:
+                 weights_dir: Path | None = None, exchange: ProcessGroupExchange | None = None) -> None:
         """Use the twins in `engines_dir` (from `build-engines --onnx-only`): `dit.<precision>`, by default fp8
         where it was exported, else bf16. Tensors are returned on `device`; the graphs run on the CPU.
         `weights_dir`, when given, must hold the weights the graphs were exported from."""
@@ -34,13 +37,21 @@ class OnnxRuntimeExecutor(Executor):
         model = self._manifest.require_model(self.engines_dir)
         self.dit_config = model.dit_config
         self.vae_scaling_factor = model.vae_scaling_factor
+        self._exchange = exchange
+        degree = exchange.degree if exchange is not None else 1
         self.dit_precision = choose_dit(self._manifest, set(self._manifest.artifacts), precision, self.engines_dir,
-                                        "ONNX graph")
-        self._graphs = folder_graphs(self.dit_precision, model.dit_config, model.vae_config)
+                                        "ONNX graph", degree)
+        self._graphs = folder_graphs(self.dit_precision, model.dit_config, model.vae_config, degree)
         self._sessions: dict[str, ort.InferenceSession] = {}
 
     def dit(self, x: torch.Tensor, text: torch.Tensor, time: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         (velocity,) = self._run(DIT, (x, text, time, rope))
+        return velocity
+
+    def dit_rows(self, x: torch.Tensor, text: torch.Tensor, time: torch.Tensor, rope: torch.Tensor,
+                 order: torch.Tensor) -> torch.Tensor:
+        """One rank's rows of a sequence-parallel DiT call (the `dit.sp{P}` graph)."""
+        (velocity,) = self._run(DIT, (x, text, time, rope, order))
         return velocity
 
     def vae_chunk(
@@ -58,7 +69,8 @@ class OnnxRuntimeExecutor(Executor):
         if len(inputs) != len(spec.inputs):
             raise ValueError(f"{spec.twin} takes {len(spec.inputs)} inputs ({', '.join(spec.input_names)}), "
                              f"got {len(inputs)}")
-        feeds = {name: t.detach().to("cpu", torch.float32).contiguous().numpy() for name, t in zip(spec.input_names, inputs)}
+        feeds = {name: t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous().numpy()
+                 for name, t in zip(spec.input_names, inputs)}
         return [torch.from_numpy(out).to(self.device) for out in self._session(graph).run(spec.output_names, feeds)]
 
     def _session(self, graph: str) -> ort.InferenceSession:
@@ -75,7 +87,12 @@ class OnnxRuntimeExecutor(Executor):
             for name in artifact.files:
                 if name.startswith(spec.twin) and (problem := self._changed(name)):
                     raise K4TRTError(f"{problem}; export it again: {again}")
-            options = ort.SessionOptions()
+            if spec.degree > 1 and self._exchange is not None:
+                from k4trt.runtime.ort_collective import session_options
+
+                options = session_options(self._exchange)
+            else:
+                options = ort.SessionOptions()
             options.log_severity_level = 3  # errors only: the twins' unused-initializer notices are noise
             try:
                 self._sessions[graph] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

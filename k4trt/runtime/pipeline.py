@@ -1,6 +1,10 @@
 """Prompt -> video: T5, the shared sampler over an executor, the shared VAE chunk schedule, the video writer.
 
-The backend only chooses the executor; every other step is this one code path.
+The backend only chooses the executor; every other step is this one code path. Under an initialised process
+group of P > 1 ranks (torchrun, or the caller's `init_process_group`) the pipeline is one rank of a
+sequence-parallel run (`k4trt.parallel`): rank 0 alone loads T5 and encodes the prompt, broadcasting the
+embedding and the seed; every rank runs the sampler with the DiT split over the ranks; rank 0 alone decodes
+and writes.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from k4trt import config
-from k4trt.config import DiTConfig
+from k4trt.config import TEXT_TOKENS, DiTConfig
 from k4trt.core.executor import Executor
 from k4trt.core.sampler import draw_noises, sample
 from k4trt.core.vae_schedule import chunk_bounds, decode_chunks
@@ -25,6 +29,10 @@ from k4trt.fsutil import atomic_path
 from k4trt.models.dit import build_rope
 from k4trt.models.scheduler import Schedule
 from k4trt.models.text import TextEncoder
+from k4trt.parallel import world as parallel
+from k4trt.parallel.degree import check_degree
+from k4trt.parallel.exchange import ProcessGroupExchange
+from k4trt.parallel.executor import SequenceParallelExecutor
 from k4trt.runtime import BACKENDS
 from k4trt.runtime.cuda_graph import CudaGraphRunner
 from k4trt.runtime.report import Recorder
@@ -44,12 +52,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def make_executor(
-    backend: str, weights: WeightsFolder, engines: Path | None, device: torch.device, dit_precision: str | None = None
+    backend: str, weights: WeightsFolder, engines: Path | None, device: torch.device, dit_precision: str | None = None,
+    world: parallel.World | None = None,
 ) -> Executor:
     """Imports each backend only when chosen, so a machine without TensorRT or ONNX Runtime can still run.
-    `dit_precision` chooses among the DiT graphs of an engines folder (default: fp8 where built)."""
+    `dit_precision` chooses among the DiT graphs of an engines folder (default: fp8 where built). With `world`,
+    the executor of this rank of a sequence-parallel run."""
     if backend not in BACKENDS:
         raise K4TRTError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    exchange = ProcessGroupExchange(world.size, device) if world is not None else None
     if backend == "torch":
         from k4trt.core.executor import default_dtype
         from k4trt.runtime.torch_executor import TorchExecutor
@@ -57,15 +68,20 @@ def make_executor(
         if dit_precision is not None:
             raise K4TRTError("a DiT precision applies to engines (--backend trt or onnxruntime); --backend torch "
                              "runs bf16 on a GPU and float32 on the CPU")
-        return TorchExecutor.from_weights(weights, device, default_dtype(device))
-    engines = _require_engines(backend, engines)
-    if backend == "onnxruntime":
-        from k4trt.runtime.ort_executor import OnnxRuntimeExecutor
+        executor: Executor = TorchExecutor.from_weights(weights, device, default_dtype(device), exchange)
+    else:
+        engines = _require_engines(backend, engines)
+        if backend == "onnxruntime":
+            from k4trt.runtime.ort_executor import OnnxRuntimeExecutor
 
-        return OnnxRuntimeExecutor(engines, device, dit_precision, weights_dir=weights.root)
-    from k4trt.runtime.trt_executor import TensorRTExecutor
+            executor = OnnxRuntimeExecutor(engines, device, dit_precision, weights_dir=weights.root, exchange=exchange)
+        else:
+            from k4trt.runtime.trt_executor import TensorRTExecutor
 
-    return TensorRTExecutor(engines, dit_precision, device=device, weights_dir=weights.root)
+            executor = TensorRTExecutor(engines, dit_precision, device=device, weights_dir=weights.root, world=world)
+    if world is None or exchange is None:
+        return executor
+    return SequenceParallelExecutor(executor, world, exchange)
 
 
 def model_dit_config(weights: Path, backend: str, engines: Path | None) -> DiTConfig:
@@ -102,13 +118,18 @@ class Pipeline:
 
     def __init__(
         self,
-        text_encoder: TextEncoder,
+        text_encoder: TextEncoder | None,
         executor: Executor,
         schedule: Schedule,
         released: bool,
         cuda_graph: bool = True,
+        world: parallel.World | None = None,
     ) -> None:
+        """`text_encoder` is None on the ranks of a sequence-parallel `world` other than 0."""
+        if text_encoder is None and (world is None or world.main):
+            raise ValueError("a pipeline that encodes prompts needs a text encoder")
         self.text_encoder = text_encoder
+        self.world = world
         self.executor = executor
         self.schedule = schedule
         self.released = released
@@ -146,9 +167,14 @@ class Pipeline:
         device = resolve_device(device)
         if backend == "trt" and device.type != "cuda":
             raise K4TRTError("--backend trt needs a CUDA GPU; use --backend torch or onnxruntime on the CPU")
-        executor = make_executor(backend, folder, Path(engines) if engines is not None else None, device, dit_precision)
-        text_encoder = TextEncoder.from_pretrained(folder.text_encoder, folder.tokenizer, device, executor.dtype)
-        return cls(text_encoder, executor, schedule, config.is_released(executor.dit_config), cuda_graph)
+        engines_dir = Path(engines) if engines is not None else None
+        world = parallel.current(device)
+        if world is not None:
+            check_degree(model_dit_config(folder.root, backend, engines_dir), world.size)
+        executor = make_executor(backend, folder, engines_dir, device, dit_precision, world)
+        text_encoder = (TextEncoder.from_pretrained(folder.text_encoder, folder.tokenizer, device, executor.dtype)
+                        if world is None or world.main else None)
+        return cls(text_encoder, executor, schedule, config.is_released(executor.dit_config), cuda_graph, world)
 
 
     def generate(
@@ -164,17 +190,29 @@ class Pipeline:
         progress: bool = True,
         recorder: Recorder | None = None,
     ) -> Generation:
-        """`recorder` marks the stages (the benchmark harness passes its own, to keep the raw marks)."""
+        """`recorder` marks the stages (the benchmark harness passes its own, to keep the raw marks). On the
+        ranks of a sequence-parallel run other than 0, nothing is decoded, written or shown, and the result has
+        the latents only."""
         output = Path(output) if output is not None else None
         seconds = check_request(prompt, seconds, width, height, output, released=self.released)
-        seed = random.randrange(2**63 - 1) if seed is None else seed
+        main = self.world is None or self.world.main
+        if not main:
+            output, keep_frames, progress = None, False, False
+        elif seed is None:
+            seed = random.randrange(2**63 - 1)
         ex = self.executor
         clock = recorder or Recorder(ex.device)
         latent_t = config.latent_frames(seconds)
         shape = (latent_t, height // config.VAE_SPATIAL_FACTOR, width // config.VAE_SPATIAL_FACTOR, config.LATENT_CHANNELS)
 
         clock.start()
-        text = self.text_encoder.encode(prompt).to(ex.dtype)
+        text = self.text_encoder.encode(prompt).to(ex.dtype) if self.text_encoder is not None else None
+        if self.world is not None:
+            text, seed = parallel.broadcast_prompt(self.world, text, seed, (TEXT_TOKENS, ex.dit_config.in_text_dim),
+                                                   ex.dtype)
+            if isinstance(ex, SequenceParallelExecutor):
+                ex.exchange.reset()
+        assert text is not None and seed is not None
         clock.lap("text encoder")
         rope = build_rope(ex.dit_config, *shape[:3], dtype=ex.dtype, device=ex.device)
         noises = [n.to(ex.dtype).to(ex.device) for n in draw_noises(seed, shape, config.NUM_STEPS)]
@@ -191,10 +229,13 @@ class Pipeline:
                 self._on_step = lambda step: (clock.lap(f"dit step {step + 1}"), steps.update())
                 latents = self._loop(text, rope, *noises)
 
+        exchange = ex.exchange.seconds() if isinstance(ex, SequenceParallelExecutor) else None
+        if exchange is not None:
+            clock.note("dit exchange", exchange)
         frames: list[torch.Tensor] = []
         chunks = tqdm(total=len(chunk_bounds(latent_t)), desc="VAE", unit="chunk", disable=not progress)
         with _writer(output, width, height) as writer, chunks:
-            for pixels in decode_chunks(ex, latents, self._vae_body):
+            for pixels in decode_chunks(ex, latents, self._vae_body) if main else ():
                 clock.lap("vae decode")
                 chunks.update()
                 if keep_frames:

@@ -20,6 +20,9 @@ ORIGINAL_SECONDS = 11.0  # the original on one H100, 12 s at 672x384 (its author
 TARGET_SECONDS = 3.0
 
 Mark = Union[float, torch.cuda.Event]  # a wall-clock reading or a recorded event
+#: stages measured inside others, reported but never added up with them: the time a sequence-parallel
+#: DiT spends in its collectives (part of the DiT steps)
+WITHIN = ("dit exchange",)
 
 
 def synchronize(device: torch.device) -> None:
@@ -35,6 +38,7 @@ class Recorder:
         self.device = device
         self._start: Mark | None = None
         self._laps: list[tuple[str, Mark]] = []
+        self._within: dict[str, float] = {}
 
     def _now(self) -> Mark:
         if self.device.type == "cuda":
@@ -53,7 +57,13 @@ class Recorder:
         raise TypeError("marks of one recorder are all CUDA events or all clock readings")
 
     def start(self) -> None:
-        self._start, self._laps = self._now(), []
+        self._start, self._laps, self._within = self._now(), [], {}
+
+    def note(self, stage: str, seconds: float) -> None:
+        """A duration measured inside the laps (one of `WITHIN`): reported beside them, not part of the total."""
+        if stage not in WITHIN:
+            raise ValueError(f"{stage!r} is not a stage measured within others ({', '.join(WITHIN)})")
+        self._within[stage] = self._within.get(stage, 0.0) + seconds
 
     def lap(self, stage: str) -> None:
         if self._start is None:
@@ -69,6 +79,7 @@ class Recorder:
         for stage, after in self._laps:
             seconds[stage] = seconds.get(stage, 0.0) + self._seconds(before, after)
             before = after
+        seconds |= self._within
         seconds["total"] = self._seconds(self._start, before)
         return seconds
 

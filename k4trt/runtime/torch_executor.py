@@ -13,12 +13,16 @@ import torch
 from k4trt.core.executor import Executor
 from k4trt.models.dit import DiT
 from k4trt.models.vae import VAEDecoder
+from k4trt.parallel.dit import SequenceParallelDiT
+from k4trt.parallel.exchange import ProcessGroupExchange
 from k4trt.weights.checkpoint import read_dit_state_dict
 from k4trt.weights.layout import WeightsFolder
 
 
 class TorchExecutor(Executor):
-    def __init__(self, dit: DiT, vae: VAEDecoder, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, dit: DiT, vae: VAEDecoder, device: torch.device, dtype: torch.dtype,
+                 exchange: ProcessGroupExchange | None = None) -> None:
+        """With `exchange`, also one rank's DiT of a sequence-parallel run (`dit_rows`)."""
         self.device = device
         self.dtype = dtype
         self.dit_precision = str(dtype).removeprefix("torch.")
@@ -26,16 +30,26 @@ class TorchExecutor(Executor):
         self.vae_scaling_factor = vae.scaling_factor
         self._dit = dit.eval()
         self._vae = vae.eval()
+        self._rows = None if exchange is None else SequenceParallelDiT(dit, exchange.all_to_all, exchange.degree).eval()
 
     @classmethod
-    def from_weights(cls, weights: WeightsFolder, device: torch.device, dtype: torch.dtype) -> TorchExecutor:
+    def from_weights(cls, weights: WeightsFolder, device: torch.device, dtype: torch.dtype,
+                     exchange: ProcessGroupExchange | None = None) -> TorchExecutor:
         dit = DiT.from_state_dict(read_dit_state_dict(weights.dit), dtype=dtype, device=device)
         vae = VAEDecoder.from_pretrained(weights.vae, dtype=dtype, device=device)
-        return cls(dit, vae, device, dtype)
+        return cls(dit, vae, device, dtype, exchange)
 
     @torch.inference_mode()
     def dit(self, x: torch.Tensor, text: torch.Tensor, time: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         return self._dit(x, text, time, rope)
+
+    @torch.inference_mode()
+    def dit_rows(self, x: torch.Tensor, text: torch.Tensor, time: torch.Tensor, rope: torch.Tensor,
+                 order: torch.Tensor) -> torch.Tensor:
+        """One rank's rows of a sequence-parallel DiT call (`k4trt.parallel.dit.SequenceParallelDiT`)."""
+        if self._rows is None:
+            raise RuntimeError("this TorchExecutor was made for one process (no exchange)")
+        return self._rows(x, text, time, rope, order)
 
     @torch.inference_mode()
     def vae_chunk(
@@ -44,6 +58,6 @@ class TorchExecutor(Executor):
         return self._vae.decode_chunk(z, caches)
 
     def close(self) -> None:
-        del self._dit, self._vae
+        del self._dit, self._vae, self._rows
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

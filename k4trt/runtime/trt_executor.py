@@ -4,6 +4,10 @@ Four execution contexts (the DiT and the VAE's image, head and body graphs) shar
 memory sized for the largest: they never run at the same time (one stream, in order), so holding four blocks
 would only waste GPU memory. Inputs and outputs are torch tensors bound by address, so nothing is copied between torch and
 TensorRT and the sampler's loop, TensorRT calls included, can be captured in a CUDA graph.
+
+On a rank of a sequence-parallel run (`world` given) the DiT plan is the folder's `dit.sp{P}` one, the same
+plan on every rank, its exchanges DistCollective layers; its context runs them on an NCCL communicator
+(`set_communicator`, TensorRT Developer Guide, "Multi-Device Inference"), and every rank enqueues it in step.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
@@ -24,9 +28,18 @@ from k4trt.core.profiles import uncovered
 from k4trt.engine.trt_api import error_recorder, is_out_of_memory, recorded_errors, require_tensorrt
 from k4trt.errors import K4TRTError
 from k4trt.runtime.engines_folder import choose_dit, open_engines
+from k4trt.runtime.nccl import Communicator
 
 if TYPE_CHECKING:
     import tensorrt as trt
+
+    from k4trt.parallel.world import World
+
+
+class _MultiDeviceContext(Protocol):
+    """IExecutionContext.set_communicator of TensorRT ≥ 10.16 (absent from the 10.x stubs)."""
+
+    def set_communicator(self, communicator: object) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,7 @@ class _Io:
 
 class TensorRTExecutor(Executor):
     def __init__(self, engines_dir: Path | str, precision: str | None = None, device: torch.device | str = "cuda",
-                 weights_dir: Path | None = None) -> None:
+                 weights_dir: Path | None = None, world: World | None = None) -> None:
         """Load the `dit.<precision>` plan (fp8 when None and the folder has it, else bf16) and the VAE's image,
         head and body plans from `engines_dir` after checking the manifest says they fit this GPU and TensorRT
         (and, with `weights_dir`, were made from those weights)."""
@@ -61,8 +74,9 @@ class TensorRTExecutor(Executor):
         self.dit_config = model.dit_config
         self.vae_scaling_factor = model.vae_scaling_factor
         built = {name.removesuffix(".plan") for name, r in manifest.engines.items() if r.plan is not None}
-        self.dit_precision = choose_dit(manifest, built, precision, self.engines_dir, "engine")
-        specs = folder_graphs(self.dit_precision, model.dit_config, model.vae_config)
+        degree = world.size if world is not None else 1
+        self.dit_precision = choose_dit(manifest, built, precision, self.engines_dir, "engine", degree)
+        specs = folder_graphs(self.dit_precision, model.dit_config, model.vae_config, degree)
 
         self._recorder = error_recorder()
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -75,12 +89,23 @@ class TensorRTExecutor(Executor):
             size = max(e.device_memory_size_v2 for e in self._engines.values())
             self._workspace = self._allocate((size,), torch.uint8, "the engines' activation memory")
             self._contexts = {graph: self._context(graph, e, size) for graph, e in self._engines.items()}
+            self._communicator = None
+            if world is not None:
+                self._communicator = Communicator(world.rank, world.size, self.device)
+                if not cast(_MultiDeviceContext, self._contexts[DIT]).set_communicator(self._communicator.capsule()):
+                    raise self._failure(f"TensorRT refused the NCCL communicator for {specs[DIT].plan}")
 
     def dit(self, x: torch.Tensor, text: torch.Tensor, time: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         t, h, w = x.shape[:3]
         seconds = (t - 1) * config.VAE_TEMPORAL_FACTOR // config.FPS
         hint = f"--sizes {w * config.VAE_SPATIAL_FACTOR}x{h * config.VAE_SPATIAL_FACTOR} --max-duration {seconds}"
         (velocity,) = self._run(DIT, (x, text, time, rope), hint)
+        return velocity
+
+    def dit_rows(self, x: torch.Tensor, text: torch.Tensor, time: torch.Tensor, rope: torch.Tensor,
+                 order: torch.Tensor) -> torch.Tensor:
+        """One rank's rows of a sequence-parallel DiT call (the `dit.sp{P}` plan); every rank calls it together."""
+        (velocity,) = self._run(DIT, (x, text, time, rope, order), f"--sp {self._io[DIT].spec.degree}")
         return velocity
 
     def vae_chunk(
@@ -97,6 +122,8 @@ class TensorRTExecutor(Executor):
         Works" > "Object Lifetimes")."""
         self._contexts.clear()
         self._engines.clear()
+        if self._communicator is not None:
+            self._communicator.close()
         del self._workspace
         torch.cuda.empty_cache()
 

@@ -26,9 +26,10 @@ from k4trt.weights.layout import WeightsFolder
 from k4trt.weights.tiny_corpus import TINY_CORPUS
 
 TEXT_DIM = 32  # the tiny T5's d_model, hence the tiny DiT's in_text_dim
-# model_dim 128 with the default RoPE axes (16, 24, 24): 2 heads of 64, so the config inferred from the
-# checkpoint's shapes (which cannot see the axes) is the one it was made with.
-TINY_DIT = DiTConfig(in_text_dim=TEXT_DIM, time_dim=32, model_dim=128, ff_dim=256, num_blocks=1)
+# model_dim 256 with the default RoPE axes (16, 24, 24): 4 heads of 64, so the config inferred from the
+# checkpoint's shapes (which cannot see the axes) is the one it was made with, and the heads split over the
+# 2 or 4 ranks of the sequence-parallel tests.
+TINY_DIT = DiTConfig(in_text_dim=TEXT_DIM, time_dim=32, model_dim=256, ff_dim=256, num_blocks=1)
 _VOCAB_PIECES = 512  # sentencepiece vocabulary before T5's 100 sentinel ids
 _EXTRA_IDS = 100
 _TOKENIZER_CONFIG = {  # T5's conventions, in the keys transformers reads from a tokenizer folder
