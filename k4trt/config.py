@@ -28,6 +28,7 @@ SIZE_MULTIPLE = 16  # VAE /8 then DiT patch /2
 # The case every default, the performance budget and the original's 11 s are stated for.
 DEFAULT_SIZE = (672, 384)  # width, height
 DEFAULT_SECONDS = MAX_SECONDS
+MAX_SEED = 2**63 - 1  # seeds travel as int64 (SQLite, NumPy); torch's generator takes every one of them
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,9 @@ def check_duration(seconds: object) -> int:
     if not 0 <= seconds <= MAX_SECONDS:
         raise K4TRTError(f"duration {seconds} s is outside 0–{MAX_SECONDS} s (0 makes a single image)")
     return seconds
+
+
+def check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise K4TRTError(f"seed {seed!r} must be a whole number from 0 to {MAX_SEED}")
+    return seed

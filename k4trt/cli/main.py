@@ -1,4 +1,4 @@
-"""`k4trt`: run, bench, doctor, weights. Heavy imports happen inside each command so --help is instant."""
+"""`k4trt`: run, bench, doctor, weights, serve. Heavy imports happen inside each command so --help is instant."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from k4trt.cli import bench as bench_cmd
 from k4trt.cli import doctor as doctor_cmd
 from k4trt.cli import run as run_cmd
+from k4trt.cli import serve as serve_cmd
 from k4trt.cli import weights as weights_cmd
 from k4trt.cli.errors import run_cli
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights_cmd.add_parser(sub)
     doctor_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
+    serve_cmd.add_parser(sub)
     return parser
 
 

@@ -83,7 +83,8 @@ def _run(args: argparse.Namespace, world: World | None) -> int:
     dit = model_dit_config(args.weights, args.backend, args.engines)
     if world is not None:
         check_degree(dit, world.size)
-    check_request(args.prompt, seconds, width, height, output, released=config.is_released(dit))
+    check_request(args.prompt, seconds, width, height, output, released=config.is_released(dit),
+                  seed=args.seed)
 
     pipe = Pipeline.from_pretrained(args.weights, backend=args.backend,
                                     device=world.device if world is not None else args.device,

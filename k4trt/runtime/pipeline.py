@@ -189,12 +189,14 @@ class Pipeline:
         keep_frames: bool = False,
         progress: bool = True,
         recorder: Recorder | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> Generation:
-        """`recorder` marks the stages (the benchmark harness passes its own, to keep the raw marks). On the
-        ranks of a sequence-parallel run other than 0, nothing is decoded, written or shown, and the result has
-        the latents only."""
+        """`recorder` marks the stages (the benchmark harness passes its own, to keep the raw marks);
+        `on_progress(done, total)` follows the work units, 4 DiT steps then the VAE chunks (a server reports it).
+        On the ranks of a sequence-parallel run other than 0, nothing is decoded, written or shown, and the result
+        has the latents only."""
         output = Path(output) if output is not None else None
-        seconds = check_request(prompt, seconds, width, height, output, released=self.released)
+        seconds = check_request(prompt, seconds, width, height, output, released=self.released, seed=seed)
         main = self.world is None or self.world.main
         if not main:
             output, keep_frames, progress = None, False, False
@@ -217,6 +219,8 @@ class Pipeline:
         rope = build_rope(ex.dit_config, *shape[:3], dtype=ex.dtype, device=ex.device)
         noises = [n.to(ex.dtype).to(ex.device) for n in draw_noises(seed, shape, config.NUM_STEPS)]
         clock.lap("prep")
+        units = config.NUM_STEPS + len(chunk_bounds(latent_t))
+        report = on_progress or (lambda done, total: None)
 
         with tqdm(total=config.NUM_STEPS, desc="DiT", unit="step", disable=not progress) as steps:
             if self._loop.enabled and ex.device.type == "cuda":
@@ -225,8 +229,14 @@ class Pipeline:
                 latents = self._loop(text, rope, *noises).clone()
                 clock.lap("dit")
                 steps.update(config.NUM_STEPS)
+                report(config.NUM_STEPS, units)
             else:
-                self._on_step = lambda step: (clock.lap(f"dit step {step + 1}"), steps.update())
+                def on_step(step: int) -> None:
+                    clock.lap(f"dit step {step + 1}")
+                    steps.update()
+                    report(step + 1, units)
+
+                self._on_step = on_step
                 latents = self._loop(text, rope, *noises)
 
         exchange = ex.exchange.seconds() if isinstance(ex, SequenceParallelExecutor) else None
@@ -235,7 +245,8 @@ class Pipeline:
         frames: list[torch.Tensor] = []
         chunks = tqdm(total=len(chunk_bounds(latent_t)), desc="VAE", unit="chunk", disable=not progress)
         with _writer(output, width, height) as writer, chunks:
-            for pixels in decode_chunks(ex, latents, self._vae_body) if main else ():
+            for done, pixels in enumerate(decode_chunks(ex, latents, self._vae_body) if main else (),
+                                          config.NUM_STEPS + 1):
                 clock.lap("vae decode")
                 chunks.update()
                 if keep_frames:
@@ -243,6 +254,7 @@ class Pipeline:
                 if writer is not None:
                     writer.write(pixels)
                     clock.lap("video encode")
+                report(done, units)
         return Generation(
             seed=seed,
             latents=latents.cpu(),
@@ -271,14 +283,18 @@ class Pipeline:
 
 
 def check_request(
-    prompt: str, seconds: object, width: int, height: int, output: Path | None, *, released: bool
+    prompt: str, seconds: object, width: int, height: int, output: Path | None, *, released: bool,
+    seed: object = None,
 ) -> int:
     """Every check that needs no model work, so bad input fails before anything runs or is written; returns
-    the duration as whole seconds. The CLI calls it before loading anything, `generate` on every call."""
-    if not prompt or not prompt.strip():
+    the duration as whole seconds. The CLI and the server call it before loading or queueing anything,
+    `generate` on every call."""
+    if not isinstance(prompt, str) or not prompt.strip():
         raise K4TRTError("the prompt is empty; describe the video to generate")
     seconds = config.check_duration(seconds)
     config.check_size(width, height, released=released)
+    if seed is not None:
+        config.check_seed(seed)
     if output is not None:
         check_output_path(output, single_frame=seconds == 0)
     return seconds
