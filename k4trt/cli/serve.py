@@ -12,10 +12,12 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from k4trt.errors import K4TRTError
+from k4trt.serve import APP_NAME
 
 if TYPE_CHECKING:
     from k4trt.serve.deployment import Settings
@@ -117,7 +119,6 @@ def serve(args: argparse.Namespace) -> int:
 
     from k4trt.serve import lifecycle
 
-    _catch_signals()
     try:
         with lifecycle.store_lock(store):
             ended = lifecycle.end_leftovers(store)
@@ -138,14 +139,16 @@ def _run(args: argparse.Namespace, store: Path, device: str, released: bool, tok
         # Ray's switch for a cluster that lives on one machine (read when Ray is imported): every port it opens
         # stays on loopback.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    _catch_signals()
     import ray
     from ray import serve as ray_serve
 
-    from k4trt.serve import APP_NAME, lifecycle
+    from k4trt.serve import lifecycle
     from k4trt.serve.deployment import build_app
+
     try:
         ray.init(address="local" if local else args.ray_address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.ERROR)
     except ConnectionError as error:
         raise K4TRTError(f"--ray-address {args.ray_address}: no Ray cluster answers there ({error})") from None
     _catch_signals()  # ray.init installs its own SIGTERM handler
@@ -154,18 +157,18 @@ def _run(args: argparse.Namespace, store: Path, device: str, released: bool, tok
             lifecycle.record_processes(store)
         settings = _settings(args, store, device, released, token, ray.cluster_resources(),
                              ray.util.get_node_ip_address())
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
         ray_serve.start(http_options={"host": args.host, "port": args.port})
         try:
             ray_serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
         except RuntimeError as error:
-            raise K4TRTError(f"the server did not start: {_cause(error)}") from None
+            raise K4TRTError(f"the server did not start: {_cause(error, ray_serve.status())}") from None
         if local:
             lifecycle.record_processes(store)  # now with the replicas
-        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        session = ray.get_runtime_context().get_session_name()  # the replicas' logs: <Ray's temp dir>/SESSION/logs
         print(f"k4trt serve: {settings.replicas} replica{'s' if settings.replicas > 1 else ''} "
               f"({settings.backend}, {settings.device}) ready at http://{args.host}:{args.port}/v1/videos in "
-              f"{time.perf_counter() - started:.1f} s; store {store}; logs {logs}", flush=True)
+              f"{time.perf_counter() - started:.1f} s; store {store}; Ray {session}", flush=True)
         while True:
             signal.pause()
     finally:
@@ -179,7 +182,7 @@ def _run(args: argparse.Namespace, store: Path, device: str, released: bool, tok
 
 
 def _settings(args: argparse.Namespace, store: Path, device: str, released: bool, token: str | None,
-              resources: dict[str, float], node_ip: str) -> Settings:
+              resources: Mapping[str, float], node_ip: str) -> Settings:
     from k4trt.serve.deployment import Settings
 
     node_resource = f"node:{node_ip}"
@@ -203,11 +206,13 @@ def _settings(args: argparse.Namespace, store: Path, device: str, released: bool
                     store=store, node_resource=node_resource, released=released, token=token)
 
 
-def _cause(error: BaseException) -> str:
-    """Ray's deploy failure carries the replica's traceback; its last line names what went wrong."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("k4trt.errors.K4TRTError:"):
-            return line.removeprefix("k4trt.errors.K4TRTError:").strip()
+def _cause(error: BaseException, status: object) -> str:
+    """Ray's deploy failure only names the deployment; the replica's traceback is in the deployment's status
+    message, and its K4TRTError line (or else its last line) says what to fix."""
+    application = getattr(status, "applications", {}).get(APP_NAME)
+    messages = [d.message for d in application.deployments.values()] if application is not None else []
+    lines = [line.strip() for text in (*messages, str(error)) for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "K4TRTError:" in line:
+            return line.split("K4TRTError:", 1)[1].strip()
     return lines[-1] if lines else type(error).__name__
-

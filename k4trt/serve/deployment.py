@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from k4trt.serve import APP_NAME
 from k4trt.serve.api import Service, create_app
-from k4trt.serve.dispatcher import Dispatcher
+from k4trt.serve.dispatcher import Dispatcher, RunJob
 from k4trt.serve.metrics import Metrics
 from k4trt.serve.request import VideoRequest
 from k4trt.serve.store import JobStore
@@ -58,10 +59,8 @@ class VideoAPI:
     async def __init__(self, worker: DeploymentHandle, settings: Settings) -> None:
         self.store = JobStore(settings.store)
         self.store.recover()
-        stream = worker.options(stream=True)
         self.metrics = Metrics(self.store, _running_workers)
-        self.dispatcher = Dispatcher(self.store, lambda request: stream.generate.remote(request),
-                                     slots=settings.replicas, metrics=self.metrics)
+        self.dispatcher = Dispatcher(self.store, _streamed(worker), slots=settings.replicas, metrics=self.metrics)
         self.dispatcher.start()
         self.service = Service(store=self.store, metrics=self.metrics, on_queued=self.dispatcher.notify,
                                released=settings.released, token=settings.token)
@@ -70,11 +69,21 @@ class VideoAPI:
         return create_app(self.service)
 
 
+def _streamed(worker: DeploymentHandle) -> RunJob:
+    """`Worker.generate` on whichever replica Ray Serve picks, its events streamed back as they are made."""
+    stream = worker.options(stream=True)
+
+    def run_job(request: VideoRequest) -> AsyncIterator[Event]:
+        return cast(AsyncIterator[Event], stream.generate.remote(request))
+
+    return run_job
+
+
 def _running_workers() -> int:
     status = serve.status().applications.get(APP_NAME)
     if status is None or WORKER not in status.deployments:
         return 0
-    return status.deployments[WORKER].replica_states.get("RUNNING", 0)
+    return sum(n for state, n in status.deployments[WORKER].replica_states.items() if state == "RUNNING")
 
 
 def build_app(settings: Settings) -> serve.Application:
@@ -83,9 +92,9 @@ def build_app(settings: Settings) -> serve.Application:
         worker_options["num_gpus"] = 1
     # A stopping server does not wait for jobs in flight: they are still in progress in the store, and the next
     # start re-queues them.
-    workers = serve.deployment(Worker, name=WORKER, num_replicas=settings.replicas, max_ongoing_requests=1,
-                               ray_actor_options=worker_options, graceful_shutdown_timeout_s=1)
-    api = serve.deployment(VideoAPI, name="VideoAPI", num_replicas=1, max_ongoing_requests=256,
+    workers = serve.deployment(name=WORKER, num_replicas=settings.replicas, max_ongoing_requests=1,
+                               ray_actor_options=worker_options, graceful_shutdown_timeout_s=1)(Worker)
+    api = serve.deployment(name="VideoAPI", num_replicas=1, max_ongoing_requests=256,
                            ray_actor_options={"num_cpus": 0, "resources": {settings.node_resource: 0.001}},
-                           graceful_shutdown_timeout_s=1)
+                           graceful_shutdown_timeout_s=1)(VideoAPI)
     return api.bind(workers.bind(settings), settings)
