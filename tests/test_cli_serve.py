@@ -10,9 +10,10 @@ import sys
 from types import SimpleNamespace
 
 
+import pytest
+
 from k4trt.cli.main import main
 from k4trt.cli.serve import _cause
-from k4trt.serve import lifecycle
 
 
 def free_port() -> int:
@@ -38,9 +39,9 @@ def fails(args, capsys, fragment):
 
 
 def test_help_is_instant_and_imports_no_ray():
-    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom k4trt.cli.main import build_parser\n"
-                            "build_parser()\nprint(sorted(m for m in ('ray', 'fastapi', 'torch') if m in sys.modules))"],
-                           capture_output=True, text=True, check=True)
+    code = ("import sys\nfrom k4trt.cli.main import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('ray', 'fastapi', 'torch') if m in sys.modules))")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "[]"
     helped = subprocess.run([sys.executable, "-m", "k4trt", "serve", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0
@@ -74,6 +75,7 @@ def test_bad_settings_fail_before_anything_starts(tiny_weights, tmp_path, capsys
 
 
 def test_a_store_in_use_is_refused(tiny_weights, tmp_path, capsys):
+    lifecycle = pytest.importorskip("k4trt.serve.lifecycle", reason="the [serve] extra is not installed")
     store = tmp_path / "store"
     with lifecycle.store_lock(store):
         code, _, err = serve(["--weights", str(tiny_weights), "--store", str(store), "--device", "cpu", "--port",

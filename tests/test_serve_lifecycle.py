@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 
-import psutil
 import pytest
 
-from k4trt.errors import K4TRTError
-from k4trt.serve import lifecycle
+psutil = pytest.importorskip("psutil", reason="the [serve] extra is not installed (pip install -e '.[serve]')")
+
+from k4trt.errors import K4TRTError  # noqa: E402
+from k4trt.serve import lifecycle  # noqa: E402
 
 
 def test_a_store_takes_one_server(tmp_path):

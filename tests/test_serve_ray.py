@@ -26,13 +26,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imageio_ffmpeg
-import psutil
 import pytest
 import torch
 from PIL import Image
 
-from k4trt.cli.main import main
-from k4trt.serve import MODEL
+for _module in ("ray", "fastapi", "psutil", "openai"):
+    pytest.importorskip(_module, reason="needs the [serve] and [test] extras (pip install -e '.[test,serve]')")
+
+import psutil  # noqa: E402
+
+from k4trt.cli.main import main  # noqa: E402
+from k4trt.serve import MODEL  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -212,7 +216,8 @@ def test_openai_client_unmodified(server, tmp_path):
         image = client.videos.create_and_poll(prompt="a heron", seconds="0", size=SIZE, extra_body={"seed": 22})
         assert image.status == "completed" and image.progress == 100 and image.completed_at >= image.created_at
         png = client.videos.download_content(image.id, variant="video")
-        assert png.response.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).size == (64, 48)
+        assert png.response.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(png.content)).size == (64, 48)
 
         video = client.videos.poll(created.id, poll_interval_ms=100)
         assert video.status == "completed" and video.error is None
@@ -242,7 +247,7 @@ def test_eight_jobs_at_once_match_k4trt_run(server, tiny_weights, tmp_path):
         made = list(pool.map(lambda i: post(server, specs[i], form=i % 2 == 1), range(8)))
     assert all(status == 200 and video["status"] == "queued" for status, video in made)
     videos = wait_finished(server, [video["id"] for _, video in made])
-    for spec, (_, queued) in zip(specs, made):
+    for spec, (_, queued) in zip(specs, made, strict=True):
         video = videos[queued["id"]]
         assert video["status"] == "completed" and video["progress"] == 100, video
         assert video["seconds"] == str(spec["seconds"]) and video["seed"] == spec["seed"]
