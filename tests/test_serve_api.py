@@ -212,13 +212,13 @@ def dispatch(tmp_path, script, seeds, slots=2, bound_s=10.0):
 
     async def main():
         dispatcher = Dispatcher(store, run_job, slots=slots, metrics=metrics)
-        dispatcher.start()
+        loop = dispatcher.start()
         dispatcher.notify()
         for _ in range(int(bound_s / 0.01)):
             if store.counts()["queued"] == store.counts()["in_progress"] == 0:
                 break
             await asyncio.sleep(0.01)
-        dispatcher._loop_task.cancel()
+        loop.cancel()
 
     asyncio.run(main())
     return store, [store.get(job.id) for job in jobs], calls, metrics
@@ -250,13 +250,12 @@ def test_no_more_jobs_in_flight_than_replicas(tmp_path):
         store.create(VideoRequest("a", 1, 64, 48, seed))
 
     async def main():
-        dispatcher = Dispatcher(store, run_job, slots=3, metrics=Metrics(store, lambda: 3))
-        dispatcher.start()
+        loop = Dispatcher(store, run_job, slots=3, metrics=Metrics(store, lambda: 3)).start()
         for _ in range(500):
             if store.counts()["completed"] == 7:
                 break
             await asyncio.sleep(0.01)
-        dispatcher._loop_task.cancel()
+        loop.cancel()
 
     asyncio.run(main())
     assert store.counts()["completed"] == 7 and max(peak) == 3

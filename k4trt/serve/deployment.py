@@ -61,7 +61,7 @@ class VideoAPI:
         self.store.recover()
         self.metrics = Metrics(self.store, _running_workers)
         self.dispatcher = Dispatcher(self.store, _streamed(worker), slots=settings.replicas, metrics=self.metrics)
-        self.dispatcher.start()
+        self.dispatching = self.dispatcher.start()  # held: asyncio keeps only a weak reference to a task
         self.service = Service(store=self.store, metrics=self.metrics, on_queued=self.dispatcher.notify,
                                released=settings.released, token=settings.token)
 

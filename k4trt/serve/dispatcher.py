@@ -36,22 +36,14 @@ class Dispatcher:
         self.metrics = metrics
         self._wake = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        """On the event loop that will serve the requests (it needs a running loop)."""
-        self._loop_task = asyncio.create_task(self._loop())
+    def start(self) -> asyncio.Task[None]:
+        """On the event loop that serves the requests; the task runs as long as the server does."""
+        return asyncio.create_task(self._loop())
 
     def notify(self) -> None:
         """A job was queued: fill a free slot now rather than when a running job ends."""
         self._wake.set()
-
-    async def stop(self) -> None:
-        """Jobs still in flight stay in progress in the store; the next start re-queues them."""
-        tasks = [t for t in (self._loop_task, *self._running) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:
