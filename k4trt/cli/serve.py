@@ -127,7 +127,7 @@ def serve(args: argparse.Namespace) -> int:
                       f"(pids {', '.join(map(str, ended))})", flush=True)
             _run(args, store, device, released, token, started)
     except _Stop as stop:
-        print(f"stopped ({stop}); queued jobs stay in {store} for the next start", flush=True)
+        print(f"stopped ({stop}); unfinished jobs stay in {store} for the next start", flush=True)
     return 0
 
 
