@@ -9,7 +9,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-
 import pytest
 
 from k4trt.cli.main import main

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from k4trt import config
+from k4trt.core.vae_schedule import chunk_bounds
 from k4trt.runtime.pipeline import Pipeline
-from k4trt.runtime.vae_schedule import chunk_bounds
 from k4trt.serve.request import VideoRequest
 from k4trt.serve.worker import Failed, Finished, JobRunner, Progress
 

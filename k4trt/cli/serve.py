@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from k4trt.errors import K4TRTError
+from k4trt.runtime import BACKENDS
 from k4trt.serve import APP_NAME
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder (default: ./weights)")
     p.add_argument("--engines", type=Path, help="engines folder from build-engines (for --backend trt|onnxruntime)")
-    p.add_argument("--backend", choices=("trt", "torch", "onnxruntime"), default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="trt: TensorRT engines (fastest); torch: PyTorch reference; onnxruntime: the exported graphs")
     p.add_argument("--device", choices=("cuda", "cpu"),
                    help="where replicas run; default: cuda when this machine sees a GPU, else cpu. A cuda replica "
@@ -101,7 +102,8 @@ def _default_device() -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from k4trt.cli.run import is_released
+    from k4trt import config
+    from k4trt.runtime.pipeline import model_dit_config
     from k4trt.serve import require_extra
 
     started = time.perf_counter()
@@ -109,7 +111,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise K4TRTError(f"--replicas {args.replicas}: serve with at least one replica")
     token = _token(args.token_env)
-    released = is_released(args.weights)  # also checks the weights folder is complete
+    # Also checks the weights folder (or the engines' manifest) before anything starts.
+    released = config.is_released(model_dit_config(args.weights, args.backend, args.engines))
     device = args.device or _default_device()
     store = args.store.resolve()
     if store.exists() and not store.is_dir():

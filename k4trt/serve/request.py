@@ -45,7 +45,7 @@ def parse_request(fields: Mapping[str, object], *, released: bool) -> VideoReque
     if prompt is not None and not isinstance(prompt, str):
         raise K4TRTError("prompt must be a string")
     seconds = _number(fields.get("seconds", config.DEFAULT_SECONDS), "seconds")
-    size = fields.get("size", "{}x{}".format(*config.DEFAULT_SIZE))
+    size = fields.get("size", config.format_size(config.DEFAULT_SIZE))
     if not isinstance(size, str):
         raise K4TRTError(f"size {size!r} must be a string WIDTHxHEIGHT, e.g. 672x384")
     width, height = config.parse_size(size)
