@@ -79,7 +79,7 @@ def test_a_store_in_use_is_refused(tiny_weights, tmp_path, capsys):
     with lifecycle.store_lock(store):
         code, _, err = serve(["--weights", str(tiny_weights), "--store", str(store), "--device", "cpu", "--port",
                               str(free_port())], capsys)
-    one_line_error(code, err, f"in use by a running k4trt serve (pid {os.getpid()})")
+    one_line_error(code, err, f"{store} is being written by process {os.getpid()}")
 
 
 def test_a_replica_that_cannot_load_is_reported_by_its_own_message():

@@ -17,7 +17,7 @@ from k4trt.serve import lifecycle  # noqa: E402
 
 def test_a_store_takes_one_server(tmp_path):
     with lifecycle.store_lock(tmp_path):
-        with pytest.raises(K4TRTError, match=f"in use by a running k4trt serve \\(pid {os.getpid()}\\)"):
+        with pytest.raises(K4TRTError, match=f"being written by process {os.getpid()}"):
             with lifecycle.store_lock(tmp_path):
                 pass
     with lifecycle.store_lock(tmp_path):  # free again once released

@@ -1,7 +1,7 @@
 """One server per store, and nothing left running by one that was killed.
 
-The lock is an `flock` on `server.lock`: the kernel drops it when its process dies, however it dies, so a held
-lock means a live server and a free one means the last server is gone. While it runs, a server records the
+The lock is `fsutil.exclusive_lock` on `server.lock`: the kernel drops it when its process dies, however it dies,
+so a held lock means a live server and a free one means the last server is gone. While it runs, a server records the
 processes of the local Ray cluster it started in `server.json` (pid and start time, so a recycled pid is never
 mistaken for one of them); a clean stop removes the record. After a SIGKILL the record is still there and the
 next start on the store ends whichever of those processes outlived their parent (Ray's per-node agents do),
@@ -11,7 +11,6 @@ by pid, before it starts its own.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -19,8 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from k4trt.errors import K4TRTError
-from k4trt.fsutil import atomic_path
+from k4trt.fsutil import atomic_path, exclusive_lock
 
 STOP_WAIT_S = 10  # bound on waiting for a killed process to be gone
 
@@ -28,22 +26,8 @@ STOP_WAIT_S = 10  # bound on waiting for a killed process to be gone
 @contextlib.contextmanager
 def store_lock(store: Path) -> Iterator[None]:
     store.mkdir(parents=True, exist_ok=True)
-    with open(store / "server.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise K4TRTError(f"store {store} is in use by a running k4trt serve (pid {holder}); stop it first, "
-                             "or give this one another --store") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
+    with exclusive_lock(store / "server.lock", f"k4trt serve --store {store}"):
+        yield
 
 
 def record_processes(store: Path) -> None:
