@@ -18,7 +18,7 @@ def pipe(tiny_weights):
     return Pipeline.from_pretrained(tiny_weights, backend="torch", device="cpu")
 
 
-@pytest.mark.parametrize("seconds", [0, 3])
+@pytest.mark.parametrize("seconds", [0, 2])
 def test_progress_follows_every_step_and_chunk(pipe, seconds):
     calls = []
     pipe.generate("a fox", seed=1, seconds=seconds, width=64, height=48, progress=False,

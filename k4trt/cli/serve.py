@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from k4trt import config
 from k4trt.errors import K4TRTError
 from k4trt.runtime import BACKENDS
 from k4trt.serve import APP_NAME
@@ -102,7 +103,6 @@ def _default_device() -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from k4trt import config
     from k4trt.runtime.pipeline import model_dit_config
     from k4trt.serve import require_extra
 
