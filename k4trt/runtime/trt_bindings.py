@@ -30,12 +30,20 @@ Shape = tuple[int, ...]
 Signature = tuple[Shape, ...]
 
 
+class Dims(Protocol):
+    """`tensorrt.Dims`, or a tuple."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+
 class Context(Protocol):
     """The part of `tensorrt.IExecutionContext` used here (a fake stands in for it in the CPU tests)."""
 
     def set_input_shape(self, name: str, shape: Shape) -> bool: ...
 
-    def get_tensor_shape(self, name: str) -> Sequence[int]: ...
+    def get_tensor_shape(self, name: str) -> Dims: ...
 
     def set_tensor_address(self, name: str, memory: int) -> bool: ...
 
@@ -97,7 +105,8 @@ class BoundIO:
                   for (name, dtype), shape in zip(self._inputs.items(), signature)}
         outputs = {}
         for name, dtype in self._outputs.items():
-            shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
+            dims = self._context.get_tensor_shape(name)
+            shape = tuple(int(dims[i]) for i in range(len(dims)))
             if any(d < 0 for d in shape):
                 raise K4TRTError(f"{self._plan}: output {name} has a data-dependent shape {shape}, which this executor "
                                  "does not support; rebuild the engines with this k4trt")
