@@ -415,7 +415,7 @@ def test_building_engines_without_tensorrt_says_how_to_get_it(weights, tmp_path,
     if tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here")
     err = _refused(["--weights", str(weights), "--out", str(tmp_path / "out")], capsys)
-    assert "pip install 'k4trt[trt]'" in err and "--onnx-only" in err
+    assert "pip install 'k4trt[trt-cu12]'" in err and "--onnx-only" in err
     assert not (tmp_path / "out").exists()
 
 

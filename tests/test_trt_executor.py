@@ -32,7 +32,7 @@ from k4trt.runtime.trt_executor import TensorRTExecutor
 HAS_TRT = tensorrt_version() is not None
 HAS_GPU = current_gpu() is not None
 needs_trt_gpu = pytest.mark.skipif(
-    not (HAS_TRT and HAS_GPU), reason="no CUDA GPU" if HAS_TRT else "TensorRT is not installed (pip install 'k4trt[trt]')"
+    not (HAS_TRT and HAS_GPU), reason="no CUDA GPU" if HAS_TRT else "TensorRT is not installed (pip install 'k4trt[trt-cu12]' or '[trt-cu13]')"
 )
 
 MODEL = ModelFacts(DiTConfig(), tiny_vae_config())  # the released DiT's tensor dims, a small decoder's caches

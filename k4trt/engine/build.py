@@ -191,7 +191,7 @@ def to_profile(ranges: Mapping[str, ShapeRange]) -> Profile:
     try:
         from polygraphy.backend.trt import Profile
     except ImportError:
-        raise K4TRTError("polygraphy is not installed: pip install 'k4trt[trt]'") from None
+        raise K4TRTError("polygraphy is not installed: pip install 'polygraphy>=0.53'") from None
     profile = Profile()
     for name, r in ranges.items():
         profile.add(name, min=r.min, opt=r.opt, max=r.max)
