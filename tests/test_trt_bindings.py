@@ -114,3 +114,44 @@ def test_buffers_start_on_256_byte_boundaries_whatever_the_allocator_returns():
 
         t = aligned_empty((3, 5), torch.bfloat16, allocate)
         assert t.data_ptr() % 256 == 0 and t.shape == (3, 5) and t.dtype == torch.bfloat16 and t.is_contiguous()
+
+
+class CudaFakeContext(FakeContext):
+    """The same function computed on the GPU from the buffers bound for the current signature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.io: BoundIO | None = None
+
+    def execute_async_v3(self, stream_handle):
+        self.calls.append(("execute_async_v3", stream_handle))
+        assert self.io is not None
+        buffers = self.io.bind((self.shapes["x"], self.shapes["text"]))  # bound already: touches nothing
+        buffers.outputs["velocity"].copy_(2 * buffers.inputs["x"] + buffers.inputs["text"].mean())
+        return True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_four_bound_steps_captured_in_a_cuda_graph_replay_like_eager_and_never_rebind():
+    from k4trt.runtime.cuda_graph import CudaGraphRunner
+
+    context = CudaFakeContext()
+    io = BoundIO(context, "dit.bf16.plan", {"x": torch.float32, "text": torch.float32}, {"velocity": torch.float32},
+                 lambda nbytes, what: torch.empty(nbytes, dtype=torch.uint8, device="cuda"), K4TRTError)
+    context.io = io
+
+    def four_steps(x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        for _ in range(4):
+            (velocity,) = io.run([x, text], lambda: context.execute_async_v3(0))
+            x = 0.5 * x - 0.1 * velocity
+        return x
+
+    runner = CudaGraphRunner(four_steps)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(3):
+        x, text = torch.randn(2, 4, 6, 16, device="cuda", generator=g), torch.randn(5, 3, device="cuda", generator=g)
+        torch.testing.assert_close(runner(x, text), four_steps(x, text))
+    assert runner.captured
+    bindings = [c for c in context.calls if c[0] != "execute_async_v3"]
+    assert len(bindings) == 5  # two shapes and three addresses, once, at the warm-up before the capture
