@@ -22,6 +22,7 @@ is written out (`explicit_attention`) instead, the only form in which FP8 Q/DQ c
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import onnx_ir as ir
@@ -92,18 +93,18 @@ def _to_onnx(dit: DiT, spec: GraphSpec, *, explicit: bool) -> ir.Model:
 
 def _attach(model: ir.Model, weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Give every initializer that names a weight its value, loaded (and cast) only when it is read."""
-    for value in model.graph.initializers.values():
-        if value.name not in weights:
+    for name, value in model.graph.initializers.items():
+        if name not in weights:
             continue
-        source = weights[value.name]
+        source = weights[name]
         if value.shape is None or tuple(source.shape) != tuple(value.shape.numpy()):
-            raise ValueError(f"{value.name} has shape {tuple(source.shape)}, the graph expects {value.shape}")
+            raise ValueError(f"{name} has shape {tuple(source.shape)}, the graph expects {value.shape}")
+        value.const_value = ir.LazyTensor(partial(_cast, source, dtype, name), dtype=from_torch_dtype(dtype),
+                                          shape=ir.Shape(source.shape), name=name)
 
-        def load(source: torch.Tensor = source, name: str = value.name) -> TorchTensor:
-            return TorchTensor(source.detach().to(dtype), name=name)
 
-        value.const_value = ir.LazyTensor(load, dtype=from_torch_dtype(dtype), shape=ir.Shape(source.shape),
-                                          name=value.name)
+def _cast(source: torch.Tensor, dtype: torch.dtype, name: str) -> ir.TensorProtocol:
+    return TorchTensor(source.detach().to(dtype), name=name)
 
 
 def dynamic_shapes(spec: GraphSpec) -> list[dict[int, torch.export.Dim] | None]:

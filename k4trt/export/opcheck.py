@@ -28,6 +28,7 @@ from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from k4trt.errors import K4TRTError
 
@@ -132,7 +133,7 @@ class _Graph:
     def all_zero(self, name: str) -> bool | None:
         """Whether the constant `name` is all zeros; None where its value is not known here (external data)."""
         tensor = self.constants.get(name)
-        if tensor is None or onnx.external_data_helper.uses_external_data(tensor):
+        if tensor is None or uses_external_data(tensor):
             return None
         return not numpy_helper.to_array(tensor).astype(float).any()
 
