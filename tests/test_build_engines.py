@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 import torch
@@ -152,6 +153,11 @@ def test_bf16_adds_its_dit_and_shares_the_vae_graphs(built_bf16):
     manifest = Manifest.load(built_bf16)
     assert manifest is not None and {"dit.bf16", "dit.fp8", "vae_image", "vae_head", "vae_body"} <= set(manifest.artifacts)
     assert (built_bf16 / "dit.bf16.f32.onnx").is_file()
+    # the DiT's attention is the ONNX Attention op, in the graph TensorRT builds and in its twin alike
+    assert manifest.model is not None
+    for name in ("dit.bf16.onnx", "dit.bf16.f32.onnx"):
+        ops = [n.op_type for n in onnx.load(built_bf16 / name, load_external_data=False).graph.node]
+        assert ops.count("Attention") == 2 * manifest.model.dit_config.num_blocks and "Softmax" not in ops, name
 
 
 @pytest.mark.parametrize("seconds", [0, 2])  # an image (the image graph); 5 latent frames (head, then body)

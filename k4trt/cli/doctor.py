@@ -251,5 +251,9 @@ def _engines(engines_dir: Path, weights_dir: Path) -> list[_Line]:
             latent, r = next(iter(record.profile.items()))  # every graph's first input is its latents
             shapes = f"{latent} {r.min}..{r.max}"
             where = f"TensorRT {env.tensorrt_version} for {env.gpu.name}" if env is not None else "an unknown TensorRT"
-            lines.append((True, f"{plan} ({record.precision}, built with {where}; {shapes})"))
+            scope = f", FP8 scope {record.fp8_scope}" if record.fp8_scope else ""
+            seen = record.inspection
+            inspected = (f"; {len(seen.attention_layers)} fused attention, {seen.fp8_gemm_layers} FP8 GEMM layers"
+                         if seen is not None else "")
+            lines.append((True, f"{plan} ({record.precision}{scope}, built with {where}; {shapes}{inspected})"))
     return lines
