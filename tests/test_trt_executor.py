@@ -175,6 +175,10 @@ def test_every_registry_graph_was_built_and_recorded(engines):
     manifest = Manifest.load(engines)
     assert manifest is not None and set(manifest.engines) == {spec.plan for spec in GRAPHS.values()}
     assert all((engines / spec.plan).is_file() for spec in GRAPHS.values())
+    for plan, record in manifest.engines.items():  # inspected after the build, at the profile's largest shapes
+        assert record.inspection is not None and record.inspection.layers > 0, plan
+        assert record.inspection.shapes == {name: r.max for name, r in record.profile.items()}, plan
+        assert record.inspection.fp8_gemm_layers == 0 and record.inspection.largest_activation is not None, plan
 
 
 @pytest.mark.tensorrt
