@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 import torch
@@ -152,6 +153,11 @@ def test_bf16_adds_its_dit_and_shares_the_vae_graphs(built_bf16):
     manifest = Manifest.load(built_bf16)
     assert manifest is not None and {"dit.bf16", "dit.fp8", "vae_image", "vae_head", "vae_body"} <= set(manifest.artifacts)
     assert (built_bf16 / "dit.bf16.f32.onnx").is_file()
+    # the DiT's attention is the ONNX Attention op, in the graph TensorRT builds and in its twin alike
+    assert manifest.model is not None
+    for name in ("dit.bf16.onnx", "dit.bf16.f32.onnx"):
+        ops = [n.op_type for n in onnx.load(built_bf16 / name, load_external_data=False).graph.node]
+        assert ops.count("Attention") == 2 * manifest.model.dit_config.num_blocks and "Softmax" not in ops, name
 
 
 @pytest.mark.parametrize("seconds", [0, 2])  # an image (the image graph); 5 latent frames (head, then body)
@@ -238,15 +244,16 @@ def exports(built, monkeypatch):
         calls.append(spec.stem)
         onnx_files.save_onnx(ir.load(built.out / path.name), path)
 
-    def export_dit(dit, spec, path, *, fp8=None, fp8_attention=False):
+    def export_dit(dit, spec, path, *, weights=None, fp8=None, fp8_scope="all", fp8_attention=False):
         calls.append(spec.stem)
         onnx_files.save_onnx(ir.load(built.out / path.name), path)
 
-    def calibrate(weights, state, prompts):
+    def calibrate(weights, state, prompts, checkpoint_sha256):
         """The reference scales, stretched by the prompt count (1 here), so other prompts give other scales."""
         calls.append("calibrate")
         scales = FP8Scales.load(built.out / "dit.fp8.scales.json")
-        return FP8Scales({k: v * len(prompts) for k, v in scales.linear_inputs.items()}, scales.attention_inputs)
+        return FP8Scales({k: v * len(prompts) for k, v in scales.linear_inputs.items()}, scales.attention_inputs,
+                         checkpoint_sha256)
 
     monkeypatch.setattr(onnx_set, "export_vae", export_vae)
     monkeypatch.setattr(onnx_set, "export_dit", export_dit)
@@ -330,6 +337,61 @@ def test_engines_are_built_from_the_exported_set(copies, exports, monkeypatch):
     assert received["environment"] == environment and received["force"] is False
     assert onnx.precision == "fp8" and list(onnx.graphs) == ["dit", "vae_image", "vae_head", "vae_body"]
     assert onnx.cases == [(64, 64, 0), (64, 64, 1), (64, 64, 2)]
+
+
+def test_fp8_scope_ffn_is_a_different_dit_graph(copies, exports):
+    assert _build(copies, "--fp8-scope", "ffn") == 0
+    assert exports == ["dit.fp8"]
+    manifest = Manifest.load(copies.out)
+    assert manifest is not None and manifest.artifacts["dit.fp8"].inputs["fp8_scope"] == "ffn"
+
+
+def _engine_build(copies, monkeypatch, gpu, *extra):
+    """build-engines without --onnx-only on `gpu`, TensorRT replaced (see the test above); returns the exit code
+    and the set handed to the engine builder (None when it was never reached)."""
+    import k4trt.cli.build_engines as cli
+    import k4trt.engine.update as update
+    from k4trt.core.manifest import BuildEnvironment
+
+    received = {}
+    monkeypatch.setattr(cli, "_require_engine_builder", lambda: BuildEnvironment("11.4.0.1", gpu))
+    monkeypatch.setattr(update, "update_engines", lambda onnx, env, **kwargs: received.update(onnx=onnx))
+    code = main(["--weights", str(copies.weights), "--out", str(copies.out), "--calib-prompts", str(copies.prompts),
+                 *SMALL, *extra])
+    return code, received.get("onnx")
+
+
+def test_a_gpu_without_fp8_builds_the_bf16_dit_and_refuses_an_explicit_fp8(built_bf16, copies, exports, monkeypatch,
+                                                                        capsys):
+    from k4trt.core.gpu import GpuInfo
+
+    a100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0), 1)
+    code, onnx = _engine_build(copies, monkeypatch, a100, "--precision", "fp8")
+    assert code == 2 and onnx is None and exports == []  # refused before any export or calibration
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --precision fp8 needs FP8 tensor cores (compute capability 8.9+, Ada or Hopper), which "
+                   "NVIDIA A100-SXM4-80GB (compute capability 8.0) lacks; build with --precision bf16")
+    code, onnx = _engine_build(copies, monkeypatch, a100)
+    assert code == 0 and onnx.precision == "bf16" and onnx.graphs["dit"].stem == "dit.bf16"
+    assert set(exports) <= {"dit.bf16"} and (copies.out / "dit.bf16.onnx").is_file()  # reused where already exported
+    assert "NVIDIA A100-SXM4-80GB (compute capability 8.0) has no FP8 tensor cores (needs 8.9+): building the bf16 DiT" \
+        in capsys.readouterr().out
+
+
+def test_an_engine_build_writes_no_twins_and_onnx_only_adds_them_without_reexporting(copies, exports, monkeypatch):
+    from k4trt.core.gpu import GpuInfo
+
+    code, onnx = _engine_build(copies, monkeypatch, GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 1), "--force")
+    assert code == 0 and onnx.precision == "fp8" and onnx.fp8_scope == "all"
+    twins = [f"{name}.f32.onnx" for name in GRAPHS]
+    assert not any((copies.out / twin).exists() or (copies.out / f"{twin}.data").exists() for twin in twins)
+    manifest = Manifest.load(copies.out)
+    assert manifest is not None and not any(".f32." in f for name in GRAPHS for f in manifest.artifacts[name].files)
+    exports.clear()
+    assert _build(copies) == 0  # --onnx-only: the twins again, from the graphs on disk
+    assert exports == [] and all((copies.out / twin).is_file() for twin in twins)
+    manifest = Manifest.load(copies.out)
+    assert manifest is not None and all(f"{name}.f32.onnx" in manifest.artifacts[name].files for name in GRAPHS)
 
 
 def test_a_second_build_into_the_same_folder_stops_with_one_line(copies, exports, capsys):
@@ -435,7 +497,7 @@ def test_building_engines_without_tensorrt_says_how_to_get_it(weights, tmp_path,
     if tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here")
     err = _refused(["--weights", str(weights), "--out", str(tmp_path / "out")], capsys)
-    assert "pip install 'k4trt[trt]'" in err and "--onnx-only" in err
+    assert "pip install 'k4trt[trt-cu12]'" in err and "--onnx-only" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -449,3 +511,16 @@ def test_bad_settings(weights, tmp_path, capsys, args, message):
     err = _refused(["--onnx-only", "--weights", str(weights), "--out", str(tmp_path / "out"), *args], capsys)
     assert message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_precision_follows_the_gpu_fp8_support():
+    from k4trt.cli.build_engines import choose_precision
+    from k4trt.core.gpu import GpuInfo
+
+    said: list[str] = []
+    h100, a10 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 1), GpuInfo("NVIDIA A10", (8, 6), 1)
+    assert choose_precision(None, h100, said.append) == "fp8" and choose_precision("bf16", h100, said.append) == "bf16"
+    assert choose_precision(None, None, said.append) == "fp8"  # --onnx-only without a GPU: the engine build checks
+    assert said == []
+    assert choose_precision(None, a10, said.append) == "bf16" and choose_precision("bf16", a10, said.append) == "bf16"
+    assert said == ["NVIDIA A10 (compute capability 8.6) has no FP8 tensor cores (needs 8.9+): building the bf16 DiT"]

@@ -36,7 +36,38 @@ def test_runs_without_tensorrt_and_prints_only_ok_or_fix_lines(tmp_path):
 def test_without_tensorrt_the_fix_is_the_pip_command(tmp_path, monkeypatch):
     monkeypatch.setattr("k4trt.engine.trt_api.tensorrt_version", lambda: None)
     _, lines = run(tmp_path, tmp_path)
-    assert "FIX TensorRT is not installed: pip install 'k4trt[trt]' (needs an NVIDIA GPU with CUDA 12+)" in lines
+    assert ("FIX TensorRT is not installed: pip install 'k4trt[trt-cu12]' (a CUDA 12 torch, driver r535+) or "
+            "'k4trt[trt-cu13]' (a CUDA 13 torch, driver r580+); `k4trt doctor` says which fits") in lines
+
+
+@pytest.mark.parametrize(("variant", "torch_cuda", "driver", "expected"), [
+    (13, "13.0", (13, 0), ["OK TensorRT's CUDA 13 build matches PyTorch's CUDA 13.0",
+                           "OK the driver (CUDA 13.0) runs TensorRT's CUDA 13 build"]),
+    (13, "12.8", (12, 8), ["FIX TensorRT is the CUDA 13 build but PyTorch uses CUDA 12.8: pip uninstall -y tensorrt "
+                           "tensorrt-cu13 tensorrt-cu13-libs tensorrt-cu13-bindings && pip install 'k4trt[trt-cu12]'",
+                           "FIX TensorRT's CUDA 13 build needs a driver for CUDA 13.0+ (r580 or newer), this one supports "
+                           "CUDA 12.8: update the NVIDIA driver, or pip install 'k4trt[trt-cu12]' with a CUDA 12 torch"]),
+    (12, "12.4", (12, 4), ["OK TensorRT's CUDA 12 build matches PyTorch's CUDA 12.4",
+                           "OK the driver (CUDA 12.4) runs TensorRT's CUDA 12 build"]),
+    (12, "12.1", (12, 0), ["OK TensorRT's CUDA 12 build matches PyTorch's CUDA 12.1",
+                           "FIX TensorRT's CUDA 12 build needs a driver for CUDA 12.2+ (r535 or newer), this one supports "
+                           "CUDA 12.0: update the NVIDIA driver, or pip install 'k4trt[trt-cu12]' with a CUDA 12 torch"]),
+    (12, None, None, ["FIX PyTorch is a CPU build, and the TensorRT backend runs on CUDA tensors: install a CUDA 12.x "
+                      "build of torch (https://pytorch.org/get-started/locally) to match TensorRT's CUDA 12 build"]),
+    (None, "12.8", (12, 8), []),
+])
+def test_tensorrt_cuda_build_torch_and_driver_fit(variant, torch_cuda, driver, expected):
+    lines = [f"{'OK' if ok else 'FIX'} {text}" for ok, text in doctor_mod.tensorrt_fit(variant, torch_cuda, driver)]
+    assert lines == expected
+
+
+def test_tensorrt_lines_name_version_and_cuda_build(tmp_path, monkeypatch):
+    monkeypatch.setattr("k4trt.engine.trt_api.tensorrt_version", lambda: "11.4.0.106")
+    monkeypatch.setattr("k4trt.engine.trt_api.cuda_variant", lambda: 13)
+    monkeypatch.setattr(doctor_mod, "_driver_cuda", lambda: (13, 1))
+    _, lines = run(tmp_path, tmp_path)
+    assert "OK TensorRT 11.4.0.106, the CUDA 13 build" in lines
+    assert "OK the driver (CUDA 13.1) runs TensorRT's CUDA 13 build" in lines
 
 
 def test_a_crashing_check_becomes_a_fix_line(tmp_path, monkeypatch):

@@ -95,7 +95,7 @@ def test_graph_carries_the_contract_and_the_precision(exported):
     assert signature(graph.input[0])[2][:3] == ["t", "2*h", "2*w"]  # the registry's form, spelled out once
 
     # Strongly typed as the model's dtype flow says: weights and matmuls in bf16, LayerNorms in float32,
-    # attention written out as MatMul -> Softmax -> MatMul (one per block, two blocks per pair).
+    # attention as one ONNX Attention node per block (two blocks per pair), in TensorRT's importable form.
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
     types.update({t.name: t.data_type for t in graph.initializer})
     weights = [t for t in graph.initializer if t.name.endswith(".weight") and len(t.dims) == 2]
@@ -105,8 +105,19 @@ def test_graph_carries_the_contract_and_the_precision(exported):
             assert {types[i] for i in node.input} == {bf16}, node.name
         if node.op_type == "LayerNormalization":
             assert {types[i] for i in node.input} == {f32}, node.name
-    assert sum(node.op_type == "Softmax" for node in graph.node) == 2 * TINY.num_blocks
-    assert not {"Attention", "ScaledDotProductAttention"} & {node.op_type for node in graph.node}
+    attentions = [node for node in graph.node if node.op_type == "Attention"]
+    assert len(attentions) == 2 * TINY.num_blocks
+    assert "Softmax" not in {node.op_type for node in graph.node}  # no decomposed attention left
+    weight_names = {t.name for t in graph.initializer}
+    assert all(node.input[1] in weight_names for node in graph.node if node.op_type == "MatMul")  # Linears only
+    assert {o.domain or "" for o in model.opset_import} >= {""} and model.opset_import[0].version == 23
+    shapes = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.value_info}
+    for node in attentions:
+        assert len(node.input) == 3 and all(shapes[i] == 4 for i in node.input), node.name  # TensorRT: 4-D Q, K, V
+        assert len([o for o in node.output if o]) == 1  # no present_key/value or qk_matmul_output
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes == {"scale": TINY.head_dim**-0.5}  # softcap, qk_matmul_output_mode: unsupported by TensorRT
+        assert {types[i] for i in node.input} == {bf16}
 
 
 def test_external_data_is_found_from_the_final_path_in_a_fresh_process(exported):

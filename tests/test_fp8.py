@@ -25,7 +25,7 @@ from k4trt.config import DiTConfig
 from k4trt.errors import K4TRTError
 from k4trt.core.graphs import dit_graph
 from k4trt.export.dit_onnx import export_dit
-from k4trt.export.fp8 import AttentionAmax, FP8Scales, calibrate_dit, calibrate_with_sampler
+from k4trt.export.fp8 import AMAX_MARGIN, AttentionAmax, FP8Scales, calibrate_dit, calibrate_with_sampler
 from k4trt.export.opcheck import check_graph
 from k4trt.export.twin import write_float32_twin
 from k4trt.models.dit import DiT, build_rope, sdpa_attention
@@ -50,9 +50,14 @@ def graph_scale(amax: float) -> float:
     return scale
 
 
-def fake_quant(x: torch.Tensor, scale: float) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """ONNX QuantizeLinear to float8e4m3fn (divide, round to nearest even, saturate at ±448), then back."""
     return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+def per_channel(weight: torch.Tensor) -> torch.Tensor:
+    """The weight's scales as the graph must hold them: one per output channel (row), each graph_scale(row max)."""
+    return torch.tensor([graph_scale(row_max) if row_max > 0 else 1.0 for row_max in weight.abs().amax(dim=1).tolist()])[:, None]
 
 
 def relative_error(out, ref: torch.Tensor) -> float:
@@ -102,8 +107,8 @@ def test_every_fp8_matmul_is_the_fake_quant_maths_of_the_same_scales(fp8_graph):
     for gemm in gemms:
         linear = producer[gemm.input[1]].input[0].removesuffix(".weight")
         module = dit32.get_submodule(linear)
-        weight = fake_quant(module.weight, graph_scale(module.weight.abs().max().item()))
-        x = fake_quant(values[quantized_input(gemm.input[0])], graph_scale(scales.linear_inputs[linear]))
+        weight = fake_quant(module.weight, per_channel(module.weight))
+        x = fake_quant(values[quantized_input(gemm.input[0])], graph_scale(scales.linear_inputs[linear] * AMAX_MARGIN))
         # Identical FP8 operands on both sides (an E4M3 value times a bf16 scale is exact in float32); only the
         # order of the float32 sums differs, ~√256·2^-24 ≈ 1e-6 of the result, so 1e-5 bounds it.
         assert relative_error(values[gemm.output[0]].numpy(), x @ weight.T + module.bias) <= 1e-5, linear
@@ -113,9 +118,10 @@ def test_every_fp8_matmul_is_the_fake_quant_maths_of_the_same_scales(fp8_graph):
         amax = scales.attention_inputs[attentions[i // 2]]
         first, second = (values[quantized_input(name)] for name in matmul.input[:2])
         if i % 2 == 0:  # q·scale @ kᵀ
-            expected = fake_quant(first, graph_scale(amax.q)) @ fake_quant(second, graph_scale(amax.k))
+            expected = (fake_quant(first, graph_scale(amax.q * AMAX_MARGIN))
+                        @ fake_quant(second, graph_scale(amax.k * AMAX_MARGIN)))
         else:  # probabilities @ v, probabilities at the fixed scale of amax 1
-            expected = fake_quant(first, graph_scale(1.0)) @ fake_quant(second, graph_scale(amax.v))
+            expected = fake_quant(first, graph_scale(1.0)) @ fake_quant(second, graph_scale(amax.v * AMAX_MARGIN))
         assert relative_error(values[matmul.output[0]].numpy(), expected) <= 1e-5, matmul.name
 
 
@@ -214,3 +220,51 @@ def test_calibration_with_the_sampler_sees_the_sampler_inputs():
     assert all(isinstance(a, AttentionAmax) and min(a) > 0 for a in scales.attention_inputs.values())
     # the caller's model runs as before: its own attention, no recording hook left on any module
     assert dit.attention is sdpa_attention and not any(m._forward_pre_hooks for m in dit.modules())
+
+
+def test_weight_scales_are_per_output_channel_and_rows_keep_their_precision(fp8_graph):
+    """A row far smaller than the tensor's maximum keeps E4M3's relative precision only with its own scale:
+    the graph's per-channel DequantizeLinear must reproduce each row to 2^-4 relative, which one per-tensor
+    scale cannot for the smallest rows (they fall into the subnormals)."""
+    dit32, _, folder, _ = fp8_graph
+    model = onnx.load(folder / "dit.fp8.f32.onnx")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    name = "transformer_blocks.0.1.feed_forward.in_layer"
+    dequantize = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == f"{name}.weight")
+    assert {a.name: a.i for a in dequantize.attribute} == {"axis": 0} and len(dequantize.input) == 2
+    weight = dit32.get_submodule(name).weight
+    scale = torch.from_numpy(inits[dequantize.input[1]].astype(np.float32))
+    assert scale.shape == (weight.shape[0],)
+    torch.testing.assert_close(scale[:, None], per_channel(weight), rtol=0, atol=0)
+    stored = torch.from_numpy(inits[f"{name}.weight"].astype(np.float32))
+    assert torch.equal(stored * scale[:, None], fake_quant(weight, per_channel(weight)))
+
+
+def test_ffn_scope_quantizes_only_the_feed_forward_linears(tmp_path):
+    dit32 = random_dit(TINY, seed=4)
+    scales = calibrate_dit(dit32, [tuple(random_inputs(TINY, SIZES[0], seed=5).values())])
+    dit16 = DiT(TINY).requires_grad_(False).eval()
+    dit16.load_state_dict(dit32.state_dict())
+    export_dit(dit16.bfloat16(), dit_graph("fp8", TINY), tmp_path / "dit.fp8.onnx", fp8=scales, fp8_scope="ffn")
+    graph = onnx.load(tmp_path / "dit.fp8.onnx", load_external_data=False).graph
+    fp8_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and t.dims}
+    assert fp8_weights == {f"transformer_blocks.0.{j}.feed_forward.{layer}.weight" for j in range(2)
+                           for layer in ("in_layer", "out_layer")}
+    assert sum(n.op_type == "Attention" for n in graph.node) == 2  # the fused attention op stays
+    assert check_graph(tmp_path / "dit.fp8.onnx") == []
+    write_float32_twin(tmp_path / "dit.fp8.onnx", tmp_path / "twin.onnx")
+    session = ort.InferenceSession(str(tmp_path / "twin.onnx"), providers=["CPUExecutionProvider"])
+    inputs = random_inputs(TINY, SIZES[1], seed=6)
+    (out,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    with torch.inference_mode():
+        exact = dit32(**inputs)
+    assert 1e-3 < relative_error(out, exact) <= 0.15  # same bound as the all-Linears graph, see above
+
+
+def test_scales_are_tied_to_the_checkpoint(tmp_path):
+    scales = FP8Scales({"a": 1.0}, {}, checkpoint_sha256="ab" * 32)
+    path = tmp_path / "dit.fp8.scales.json"
+    scales.save(path)
+    assert FP8Scales.load(path, "ab" * 32) == scales
+    with pytest.raises(K4TRTError, match="calibrated on another DiT checkpoint .*delete it"):
+        FP8Scales.load(path, "cd" * 32)

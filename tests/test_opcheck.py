@@ -1,4 +1,5 @@
-"""opcheck: the FP8 DiT graph without FP8 attention passes it, graphs crafted off TensorRT's table fail it."""
+"""opcheck: the FP8 DiT graph without FP8 attention passes it, graphs crafted off TensorRT 11's table or its
+restrictions fail it."""
 
 from __future__ import annotations
 
@@ -80,24 +81,81 @@ def test_foreign_and_unsupported_ops_are_named_with_their_domain(tmp_path):
     problems = check_graph(path)
     assert problems == [
         "com.microsoft::FusedMatMul: not a standard ONNX op (1 node, e.g. 'fused')",
-        "ai.onnx::Unique: not supported by TensorRT 10.x (1 node, e.g. 'unique')",
+        "ai.onnx::Unique: not supported by TensorRT 11 (1 node, e.g. 'unique')",
     ]
     with pytest.raises(K4TRTError, match=r"com.microsoft::FusedMatMul.*ai.onnx::Unique.*build-engines --force") as e:
         require_supported(path)
     assert "\n" not in str(e.value)
 
 
-def test_newer_ops_and_opsets_need_a_newer_tensorrt(tmp_path):
+def test_opset_23_attention_passes_and_newer_opsets_do_not(tmp_path):
     q = tensor("q", TensorProto.FLOAT, [1, 2, 4, 8])
-    path = save(tmp_path, [helper.make_node("Attention", ["q", "q", "q"], ["y"], name="attention")],
-                [q], [tensor("y", TensorProto.FLOAT, [1, 2, 4, 8])], opset=23)
-    assert check_graph(path) == [
-        "opset 23 is outside 9–20, the range every TensorRT 10.x parses",
-        "ai.onnx::Attention: needs TensorRT ≥ 10.14 (1 node, e.g. 'attention')",
-    ]
+    y = tensor("y", TensorProto.FLOAT, [1, 2, 4, 8])
+    path = save(tmp_path, [helper.make_node("Attention", ["q", "q", "q"], ["y"], name="attention", scale=0.125)],
+                [q], [y], opset=23)
+    assert check_graph(path) == []
+    path = save(tmp_path, [helper.make_node("Relu", ["q"], ["y"])], [q], [y], opset=25)
+    assert check_graph(path) == ["opset 25 is outside 9–24, the range TensorRT 11 parses"]
     path = save(tmp_path, [helper.make_node("Gelu", ["x"], ["y"])], [tensor("x", TensorProto.FLOAT, [2])],
                 [tensor("y", TensorProto.FLOAT, [2])], opset=19)
     assert check_graph(path) == ["ai.onnx::Gelu: not defined in opset 19 (1 node)"]
+
+
+def test_attention_restrictions_of_the_table(tmp_path):
+    """TensorRT's importer: 4-D Q/K/V, no softcap or qk_matmul_output_mode, no KV-cache inputs or outputs."""
+    q3 = tensor("q3", TensorProto.FLOAT, [2, 4, 16])
+    q4 = tensor("q4", TensorProto.FLOAT, [1, 2, 4, 8])
+    nodes = [
+        helper.make_node("Attention", ["q3", "q3", "q3"], ["y3"], name="three_d", q_num_heads=2, kv_num_heads=2),
+        helper.make_node("Attention", ["q4", "q4", "q4"], ["y4"], name="softcapped", softcap=30.0),
+        helper.make_node("Attention", ["q4", "q4", "q4", "", "q4", "q4"], ["y5", "present_k", "present_v"],
+                         name="cached"),
+    ]
+    outputs = [tensor("y3", TensorProto.FLOAT, [2, 4, 16]), tensor("y4", TensorProto.FLOAT, [1, 2, 4, 8]),
+               tensor("y5", TensorProto.FLOAT, [1, 2, 4, 8]), tensor("present_k", TensorProto.FLOAT, None)]
+    problems = check_graph(save(tmp_path, nodes, [q3, q4], outputs, opset=23))
+    assert problems == [
+        "ai.onnx::Attention: Q, K, V and attn_mask must be 4-D (1 node, e.g. 'three_d')",
+        "ai.onnx::Attention: attribute softcap is unsupported (1 node, e.g. 'softcapped')",
+        "ai.onnx::Attention: past_key, past_value and nonpad_kv_seqlen inputs are unsupported (1 node, e.g. 'cached')",
+        "ai.onnx::Attention: present_key, present_value and qk_matmul_output outputs are unsupported (1 node, e.g. 'cached')",
+    ]
+
+
+def test_pad_slice_and_resize_restrictions(tmp_path):
+    x = tensor("x", TensorProto.FLOAT, [1, 1, 4, 4])
+    axes_in = tensor("axes_in", TensorProto.INT64, [1])
+    const = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("s", 0), ("e", 2), ("a", 3), ("p", 1))]
+    pads = helper.make_tensor("pads", TensorProto.INT64, [2], [1, 1])
+    sizes = helper.make_tensor("sizes", TensorProto.INT64, [4], [1, 1, 8, 8])
+    nodes = [
+        helper.make_node("Slice", ["x", "s", "e", "a"], ["ok_slice"], name="slice_ok"),
+        helper.make_node("Slice", ["x", "s", "e", "axes_in"], ["bad_slice"], name="slice_dynamic_axes"),
+        helper.make_node("Pad", ["x", "pads", "", "axes_in"], ["bad_pad"], name="pad_dynamic_axes"),
+        helper.make_node("Resize", ["x", "", "", "sizes"], ["ok_resize"], name="resize_ok", mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("Resize", ["x", "", "", "sizes"], ["bad_resize"], name="resize_cubic", mode="cubic",
+                         antialias=1),
+    ]
+    outputs = [tensor(n, TensorProto.FLOAT, None) for n in ("ok_slice", "bad_slice", "bad_pad", "ok_resize", "bad_resize")]
+    problems = check_graph(save(tmp_path, nodes, [x, axes_in], outputs, [*const, pads, sizes], opset=23))
+    assert problems == [
+        "ai.onnx::Slice: axes must be an initializer (1 node, e.g. 'slice_dynamic_axes')",
+        "ai.onnx::Pad: axes must be an initializer (1 node, e.g. 'pad_dynamic_axes')",
+        "ai.onnx::Resize: mode 'cubic' is unsupported (supported: linear, nearest) (1 node, e.g. 'resize_cubic')",
+        "ai.onnx::Resize: antialiasing is unsupported (1 node, e.g. 'resize_cubic')",
+    ]
+
+
+def test_quantize_zero_points_must_be_zero(tmp_path):
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [0.5])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT8E4M3FN, [], [0])
+    two = helper.make_tensor("two", TensorProto.FLOAT8E4M3FN, [], [2])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"], name="zero_ok"),
+             helper.make_node("DequantizeLinear", ["q", "scale", "two"], ["y"], name="zero_two")]
+    path = save(tmp_path, nodes, [tensor("x", TensorProto.FLOAT, [4])], [tensor("y", TensorProto.FLOAT, [4])],
+                [scale, zero, two], opset=23)
+    assert check_graph(path) == ["ai.onnx::DequantizeLinear: the zero point must be 0 (1 node, e.g. 'zero_two')"]
 
 
 def test_types_off_the_table_are_named(tmp_path):
@@ -141,7 +199,7 @@ def test_local_functions_are_checked_by_their_bodies(tmp_path):
         return helper.make_function("local", f"With{op}", ["x"], ["y"], [helper.make_node(op, ["x"], ["y"])],
                                     [helper.make_opsetid("", 20)])
 
-    for op, expected in (("Relu", []), ("Unique", ["ai.onnx::Unique: not supported by TensorRT 10.x (1 node)"])):
+    for op, expected in (("Relu", []), ("Unique", ["ai.onnx::Unique: not supported by TensorRT 11 (1 node)"])):
         path = save(tmp_path, [helper.make_node(f"With{op}", ["x"], ["y"], domain="local")],
                     [tensor("x", TensorProto.FLOAT, [3])], [tensor("y", TensorProto.FLOAT, [None])],
                     functions=[function(op)])

@@ -32,7 +32,7 @@ from k4trt.runtime.trt_executor import TensorRTExecutor
 HAS_TRT = tensorrt_version() is not None
 HAS_GPU = current_gpu() is not None
 needs_trt_gpu = pytest.mark.skipif(
-    not (HAS_TRT and HAS_GPU), reason="no CUDA GPU" if HAS_TRT else "TensorRT is not installed (pip install 'k4trt[trt]')"
+    not (HAS_TRT and HAS_GPU), reason="no CUDA GPU" if HAS_TRT else "TensorRT is not installed (pip install 'k4trt[trt-cu12]' or '[trt-cu13]')"
 )
 
 MODEL = ModelFacts(DiTConfig(), tiny_vae_config())  # the released DiT's tensor dims, a small decoder's caches
@@ -175,6 +175,10 @@ def test_every_registry_graph_was_built_and_recorded(engines):
     manifest = Manifest.load(engines)
     assert manifest is not None and set(manifest.engines) == {spec.plan for spec in GRAPHS.values()}
     assert all((engines / spec.plan).is_file() for spec in GRAPHS.values())
+    for plan, record in manifest.engines.items():  # inspected after the build, at the profile's largest shapes
+        assert record.inspection is not None and record.inspection.layers > 0, plan
+        assert record.inspection.shapes == {name: r.max for name, r in record.profile.items()}, plan
+        assert record.inspection.fp8_gemm_layers == 0 and record.inspection.largest_activation is not None, plan
 
 
 @pytest.mark.tensorrt

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED = ["k4trt/engine", "k4trt/runtime/trt_executor.py", "k4trt/runtime/nccl.py", "k4trt/runtime/cuda_graph.py",
+CHECKED = ["k4trt/engine", "k4trt/runtime/trt_executor.py", "k4trt/runtime/trt_bindings.py", "k4trt/runtime/nccl.py",
+           "k4trt/runtime/cuda_graph.py",
            "k4trt/cli/doctor.py"]
 
 pytestmark = [

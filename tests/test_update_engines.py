@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from k4trt.core.gpu import GpuInfo
 from k4trt.core.graphs import folder_graphs, request_cases
-from k4trt.core.manifest import Artifact, BuildEnvironment, FileDigest, Manifest, ModelFacts, PlanFile
+from k4trt.core.manifest import Activation, Artifact, BuildEnvironment, FileDigest, Inspection, Manifest, ModelFacts, PlanFile
 from k4trt.engine import update as update_mod
 from k4trt.engine.trt_api import MISSING, tensorrt_version
 from k4trt.engine.update import TIMING_CACHE, current_environment, update_engines
@@ -51,6 +51,23 @@ class FakeBuilder:
         return PlanFile(len(plan), hashlib.sha256(plan).hexdigest())
 
 
+class FakeInspector:
+    """Returns a record naming the plan it inspected (or refuses the graphs in `refuse`), as `inspect_plan` would."""
+
+    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
+        self.refuse = refuse
+        self.inspected: list[str] = []
+
+    def __call__(self, plan_path, spec, ranges, dit, version):
+        self.inspected.append(plan_path.name)
+        assert plan_path.is_file()  # inspected after it was written
+        if spec.name in self.refuse:
+            raise K4TRTError(f"{plan_path.name}: TensorRT {version} did not fuse the DiT's attention: layer 'x'")
+        shapes = {name: r.max for name, r in ranges.items()}
+        return Inspection(version, shapes, 3, ("attention",) if spec.is_dit else (), 2 if spec.precision == "fp8" else 0,
+                          Activation(plan_path.name, "out", (1, 2), 4))
+
+
 def _write_graph(path: Path, inputs: list[str], outputs: list[str], seed: int) -> None:
     """Identity-like graph over the given names, with one external-data initializer that `seed` varies."""
     weight = numpy_helper.from_array(np.full((4,), seed, dtype=np.float32), "w")
@@ -72,7 +89,7 @@ def _onnx_set(folder: Path, sizes=SIZES, max_seconds: int = 2, seed: int = 0) ->
         files = [spec.onnx, spec.onnx + ".data"]
         manifest.artifacts[spec.stem] = Artifact({}, {f: manifest.file_sha(folder, f) for f in files})
     manifest.save(folder)
-    return OnnxSet(folder, "fp8", graphs, request_cases(sizes, max_seconds), MODEL, exported=[])
+    return OnnxSet(folder, "fp8", graphs, request_cases(sizes, max_seconds), MODEL, exported=[], fp8_scope="all")
 
 
 @pytest.fixture
@@ -81,10 +98,11 @@ def folder(tmp_path):
     return tmp_path
 
 
-def _update(folder: Path, environment=H100, **kwargs):
+def _update(folder: Path, environment=H100, inspector=None, **kwargs):
     builder, log = FakeBuilder(), []
     onnx_set = _onnx_set(folder, **{k: kwargs.pop(k) for k in ("sizes", "max_seconds") if k in kwargs})
-    manifest = update_engines(onnx_set, environment, build=builder, log=log.append, **kwargs)
+    manifest = update_engines(onnx_set, environment, build=builder, inspect=inspector or FakeInspector(), log=log.append,
+                              **kwargs)
     return builder.built, log, manifest
 
 
@@ -182,7 +200,8 @@ def test_a_truncated_or_deleted_plan_is_rebuilt(folder):
 def test_force_rebuilds_what_is_up_to_date(folder):
     _update(folder)
     built, log, _ = _update(folder, force=True)
-    assert built == ALL and all(line.endswith("--force") for line in log)
+    assert built == ALL and all(line.endswith("--force") for line in log if line.startswith("building"))
+    assert sum(line.startswith("building") for line in log) == len(ALL)
 
 
 @pytest.mark.skipif(tensorrt_version() is not None, reason="TensorRT is installed; this checks the message without it")
@@ -196,3 +215,45 @@ def test_the_build_environment_needs_tensorrt_and_a_gpu(monkeypatch):
         current_environment()
     monkeypatch.setattr(update_mod, "current_gpu", lambda: H100.gpu)
     assert current_environment() == H100
+
+
+def test_every_built_plan_is_inspected_and_the_record_kept_with_it(folder):
+    inspector = FakeInspector()
+    _update(folder, inspector=inspector)
+    assert inspector.inspected == ALL
+    back = Manifest.load(folder)
+    assert back is not None
+    dit = back.engines["dit.fp8.plan"]
+    assert dit.fp8_scope == "all" and back.engines["vae_head.plan"].fp8_scope is None
+    assert dit.inspection is not None and dit.inspection.attention_layers == ("attention",)
+    assert dit.inspection.fp8_gemm_layers == 2 and dit.inspection.shapes["x"] == (5, 6, 8, 16)  # the profile's max
+    assert dit.inspection.largest_activation == Activation("dit.fp8.plan", "out", (1, 2), 4)
+
+
+def test_a_plan_whose_attention_did_not_fuse_is_deleted_and_not_recorded(folder):
+    with pytest.raises(K4TRTError, match=r"dit.fp8.plan: TensorRT 11.4.0.1 did not fuse the DiT's attention"):
+        _update(folder, inspector=FakeInspector(refuse=("dit",)))
+    assert not (folder / "dit.fp8.plan").exists()
+    back = Manifest.load(folder)
+    assert back is not None and "dit.fp8.plan" not in back.engines
+    built, _, _ = _update(folder)  # the refusal stopped the run; the next one builds the DiT again, then the rest
+    assert built == ALL
+
+
+def test_a_timing_cache_the_manifest_did_not_record_is_discarded(folder):
+    _update(folder)
+    (folder / TIMING_CACHE).write_bytes(b"someone else's tactics")
+    built, log, _ = _update(folder, force=True)
+    assert any(line.startswith(f"discarding {folder / TIMING_CACHE}: it is not the") for line in log)
+    assert (folder / TIMING_CACHE).read_bytes() == b"".join(p.encode() for p in ALL)
+    built, log, _ = _update(folder, force=True)  # the cache this build wrote is vouched for
+    assert not any(line.startswith("discarding") for line in log)
+
+
+def test_fp8_graphs_on_a_gpu_without_fp8_tensor_cores_are_refused_before_any_build(folder):
+    a100 = BuildEnvironment("11.4.0.1", GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0), 85_000_000_000))
+    with pytest.raises(K4TRTError, match=r"dit.fp8.onnx needs FP8 tensor cores \(compute capability 8.9\+\), which "
+                                         r"NVIDIA A100-SXM4-80GB \(compute capability 8.0\) lacks; build the bf16 DiT: "
+                                         r"build-engines --out .* --precision bf16"):
+        _update(folder, a100)
+    assert not list(folder.glob("*.plan"))

@@ -74,7 +74,8 @@ def _gpu() -> list[_Line]:
         if cc < (8, 0):
             lines.append((False, f"{text}: bf16 engines need compute capability 8.0+ (Ampere or newer): use another GPU"))
         elif cc < (8, 9):
-            lines.append((False, f"{text}: no FP8 tensor cores (needs 8.9+, Ada/Hopper): build-engines --precision bf16"))
+            lines.append((True, f"{text}: no FP8 tensor cores (needs 8.9+, Ada/Hopper), so build-engines builds the "
+                                "bf16 DiT"))
         else:
             lines.append((True, text))
     return lines
@@ -83,16 +84,9 @@ def _gpu() -> list[_Line]:
 def _driver() -> list[_Line]:
     import torch
 
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return [(False, "NVIDIA driver not found (libcuda.so.1 cannot be loaded): install the NVIDIA driver "
-                        "(https://www.nvidia.com/drivers)")]
-    version = ctypes.c_int()
-    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
-        return [(False, "the NVIDIA driver does not answer (cuDriverGetVersion failed): reinstall the driver, "
-                        "then check `nvidia-smi`")]
-    supports = (version.value // 1000, version.value % 1000 // 10)
+    supports = _driver_cuda()
+    if isinstance(supports, str):
+        return [(False, supports)]
     text = f"NVIDIA driver {_driver_release() or '(release unknown)'} supports CUDA {supports[0]}.{supports[1]}"
     if torch.version.cuda is None:
         return [(True, text)]
@@ -101,6 +95,19 @@ def _driver() -> list[_Line]:
         return [(False, f"{text}, but PyTorch uses the CUDA {torch.version.cuda} runtime: update the NVIDIA driver "
                         "(https://www.nvidia.com/drivers)")]
     return [(True, f"{text}; PyTorch's CUDA runtime is {torch.version.cuda}")]
+
+
+def _driver_cuda() -> tuple[int, int] | str:
+    """The newest CUDA the driver supports (cuDriverGetVersion), or the FIX text where it cannot be asked."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return ("NVIDIA driver not found (libcuda.so.1 cannot be loaded): install the NVIDIA driver "
+                "(https://www.nvidia.com/drivers)")
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return "the NVIDIA driver does not answer (cuDriverGetVersion failed): reinstall the driver, then check `nvidia-smi`"
+    return (version.value // 1000, version.value % 1000 // 10)
 
 
 def _driver_release() -> str | None:
@@ -118,14 +125,74 @@ def _driver_release() -> str | None:
 
 
 def _tensorrt() -> list[_Line]:
-    from k4trt.engine.trt_api import MISSING, tensorrt_version
+    import torch
+
+    from k4trt.engine.trt_api import MISSING, cuda_variant, tensorrt_version
 
     version = tensorrt_version()
-    lines = [(True, f"TensorRT {version}") if version else (False, MISSING)]
+    if version is None:
+        lines = [(False, _tensorrt_absent() or MISSING)]
+    else:
+        variant = cuda_variant()
+        build = f"the CUDA {variant} build" if variant else "CUDA build unknown (not installed from a pip wheel)"
+        lines = [(True, f"TensorRT {version}, {build}")]
+        driver = _driver_cuda()
+        lines += tensorrt_fit(variant, torch.version.cuda, driver if isinstance(driver, tuple) else None)
     try:
-        lines.append((True, f"polygraphy {importlib.metadata.version('polygraphy')}"))
+        polygraphy = importlib.metadata.version("polygraphy")
+        old = tuple(int(p) for p in polygraphy.split(".")[:2]) < POLYGRAPHY
+        need = ".".join(map(str, POLYGRAPHY))
+        lines.append((False, f"polygraphy {polygraphy} predates TensorRT 11 (its CreateConfig reads removed layer "
+                             f"precision APIs): pip install -U 'polygraphy>={need}'") if old
+                     else (True, f"polygraphy {polygraphy}"))
     except importlib.metadata.PackageNotFoundError:
-        lines.append((False, "polygraphy is not installed (build-engines needs it): pip install 'k4trt[trt]'"))
+        lines.append((False, "polygraphy is not installed (build-engines needs it): pip install 'polygraphy>=0.53'"))
+    return lines
+
+
+def _tensorrt_absent() -> str | None:
+    """Why a TensorRT that is installed cannot be used (too old, libraries not loadable), or None if absent."""
+    from k4trt.engine.trt_api import require_tensorrt
+    from k4trt.errors import K4TRTError
+
+    try:
+        require_tensorrt()
+    except K4TRTError as e:
+        return None if "not installed" in str(e) else str(e)
+    return None
+
+
+#: polygraphy 0.53 is the first to support TensorRT 11 (TensorRT 11.3's notes bump it to 0.53.6)
+POLYGRAPHY = (0, 53)
+#: the oldest driver each CUDA build of TensorRT runs on: the CUDA it must support, and its release
+DRIVERS = {12: ((12, 2), "r535"), 13: ((13, 0), "r580")}
+
+
+def tensorrt_fit(variant: int | None, torch_cuda: str | None, driver: tuple[int, int] | None) -> list[_Line]:
+    """Whether TensorRT's CUDA build fits the installed torch and the driver, with the fix where it does not."""
+    if variant is None:
+        return []
+    lines: list[_Line] = []
+    if torch_cuda is None:
+        lines.append((False, f"PyTorch is a CPU build, and the TensorRT backend runs on CUDA tensors: install a CUDA "
+                             f"{variant}.x build of torch (https://pytorch.org/get-started/locally) to match TensorRT's "
+                             f"CUDA {variant} build"))
+    else:
+        torch_major = int(torch_cuda.split(".")[0])
+        if torch_major != variant:
+            lines.append((False, f"TensorRT is the CUDA {variant} build but PyTorch uses CUDA {torch_cuda}: "
+                                 f"pip uninstall -y tensorrt tensorrt-cu{variant} tensorrt-cu{variant}-libs "
+                                 f"tensorrt-cu{variant}-bindings && pip install 'k4trt[trt-cu{torch_major}]'"))
+        else:
+            lines.append((True, f"TensorRT's CUDA {variant} build matches PyTorch's CUDA {torch_cuda}"))
+    if driver is not None and variant in DRIVERS:
+        needed, release = DRIVERS[variant]
+        if driver < needed:
+            lines.append((False, f"TensorRT's CUDA {variant} build needs a driver for CUDA {needed[0]}.{needed[1]}+ "
+                                 f"({release} or newer), this one supports CUDA {driver[0]}.{driver[1]}: update the "
+                                 f"NVIDIA driver, or pip install 'k4trt[trt-cu12]' with a CUDA 12 torch"))
+        else:
+            lines.append((True, f"the driver (CUDA {driver[0]}.{driver[1]}) runs TensorRT's CUDA {variant} build"))
     return lines
 
 
@@ -184,5 +251,9 @@ def _engines(engines_dir: Path, weights_dir: Path) -> list[_Line]:
             latent, r = next(iter(record.profile.items()))  # every graph's first input is its latents
             shapes = f"{latent} {r.min}..{r.max}"
             where = f"TensorRT {env.tensorrt_version} for {env.gpu.name}" if env is not None else "an unknown TensorRT"
-            lines.append((True, f"{plan} ({record.precision}, built with {where}; {shapes})"))
+            scope = f", FP8 scope {record.fp8_scope}" if record.fp8_scope else ""
+            seen = record.inspection
+            inspected = (f"; {len(seen.attention_layers)} fused attention, {seen.fp8_gemm_layers} FP8 GEMM layers"
+                         if seen is not None else "")
+            lines.append((True, f"{plan} ({record.precision}{scope}, built with {where}; {shapes}{inspected})"))
     return lines

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 import torch
 
 
+#: FP8 tensor cores: Ada (8.9) and Hopper (9.0) and later; TensorRT builds FP8 GEMMs only there
+FP8_COMPUTE_CAPABILITY = (8, 9)
+
+
 @dataclass(frozen=True)
 class GpuInfo:
     name: str
@@ -19,6 +23,10 @@ class GpuInfo:
     def describe(self) -> str:
         major, minor = self.compute_capability
         return f"{self.name} (compute capability {major}.{minor})"
+
+    @property
+    def has_fp8(self) -> bool:
+        return self.compute_capability >= FP8_COMPUTE_CAPABILITY
 
     def same_model(self, other: GpuInfo) -> bool:
         """TensorRT picks kernels per GPU model: same name and compute capability, whatever the memory in use."""

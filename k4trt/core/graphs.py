@@ -198,6 +198,13 @@ def dit_input_shapes(cfg: DiTConfig, latent_t: int, h: int, w: int, degree: int 
     }
 
 
+def dit_sequence(cfg: DiTConfig, x_shape: Shape) -> int:
+    """The joint sequence the DiT's attention runs over for latents of `x_shape`: visual patches, then text."""
+    pt, ph, pw = cfg.patch_size
+    t, h, w = x_shape[:3]
+    return (t // pt) * (h // ph) * (w // pw) + TEXT_TOKENS
+
+
 # ---------------------------------------------------------------- the VAE decoder chunks
 
 

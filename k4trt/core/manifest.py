@@ -9,8 +9,11 @@
                       "files": {"dit.fp8.onnx": sha, "dit.fp8.onnx.data": sha, "dit.fp8.f32.onnx": sha, …}},
           "dit.fp8.scales.json": {…}, "vae_image": {…}, "vae_head": {…}, "vae_body": {…}},
  "build": {"tensorrt_version": "11.4.0", "gpu": {"name": …, "compute_capability": [9, 0], …}},
- "engines": {"dit.fp8.plan": {"graph": "dit", "precision": "fp8", "onnx": {file: sha}, "profile": {…},
-                              "options": {…}, "degree": 1, "plan": {"size": …, "sha256": …}}, …},
+ "engines": {"dit.fp8.plan": {"graph": "dit", "precision": "fp8", "fp8_scope": "all", "onnx": {file: sha},
+                              "profile": {…}, "options": {…}, "degree": 1, "plan": {"size": …, "sha256": …},
+                              "inspection": {"tensorrt_version": …, "shapes": {…}, "layers": …,
+                                             "attention_layers": […], "fp8_gemm_layers": …,
+                                             "largest_activation": {"layer", "tensor", "shape", "bytes"}}}, …},
  "stamps": {"dit.fp8.onnx.data": {"size": …, "mtime_ns": …, "inode": …, "sha256": …},
             "/abs/weights/kandinsky4_distil_512.pt": {…}, …}}
 ```
@@ -100,6 +103,29 @@ class PlanFile:
 
 
 @dataclass(frozen=True)
+class Activation:
+    """One tensor of a built engine: the layer that writes it, its name, shape and size in bytes."""
+
+    layer: str
+    tensor: str
+    shape: tuple[int, ...]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What TensorRT's engine inspector showed of a built plan (`k4trt.engine.inspect`), at the input `shapes`
+    it was inspected at (the profile's largest)."""
+
+    tensorrt_version: str
+    shapes: dict[str, tuple[int, ...]]
+    layers: int
+    attention_layers: tuple[str, ...]  # layers that run a whole attention (one fused kernel each)
+    fp8_gemm_layers: int  # matrix multiplies (GEMM, convolution) with FP8 inputs
+    largest_activation: Activation | None
+
+
+@dataclass(frozen=True)
 class EngineRecord:
     graph: str  # dit | vae_image | vae_head | vae_body
     precision: str  # fp8 | bf16 (the VAE engines are always bf16)
@@ -108,6 +134,8 @@ class EngineRecord:
     options: dict[str, int | None]  # builder settings that change the plan (optimization level, workspace)
     plan: PlanFile | None = None  # None until built
     degree: int = 1  # sequence-parallel ranks the plan runs on (one plan serves them all); 1: one GPU
+    fp8_scope: str | None = None  # which Linears run in FP8 (`k4trt.export.fp8.SCOPES`); None for bf16 graphs
+    inspection: Inspection | None = None  # recorded once the built plan passed the inspector check
 
 
 @dataclass
@@ -301,6 +329,8 @@ def _engine_to_json(r: EngineRecord) -> dict[str, Any]:
         "options": r.options,
         "degree": r.degree,
         "plan": dataclasses.asdict(r.plan) if r.plan is not None else None,
+        "fp8_scope": r.fp8_scope,
+        "inspection": dataclasses.asdict(r.inspection) if r.inspection is not None else None,
     }
 
 
@@ -313,5 +343,20 @@ def _engine_from_json(data: Mapping[str, Any]) -> EngineRecord:
         profile={name: ShapeRange.from_json(s) for name, s in data["profile"].items()},
         options=dict(data["options"]),
         plan=PlanFile(int(plan["size"]), str(plan["sha256"])) if plan is not None else None,
-        degree=int(data.get("degree", 1)),  # absent in manifests from before sequence parallelism: one GPU
+        degree=int(data["degree"]),
+        fp8_scope=None if data["fp8_scope"] is None else str(data["fp8_scope"]),
+        inspection=None if data["inspection"] is None else _inspection(data["inspection"]),
+    )
+
+
+def _inspection(data: Mapping[str, Any]) -> Inspection:
+    largest = data["largest_activation"]
+    return Inspection(
+        tensorrt_version=str(data["tensorrt_version"]),
+        shapes={str(name): tuple(int(d) for d in shape) for name, shape in data["shapes"].items()},
+        layers=int(data["layers"]),
+        attention_layers=tuple(str(n) for n in data["attention_layers"]),
+        fp8_gemm_layers=int(data["fp8_gemm_layers"]),
+        largest_activation=None if largest is None else Activation(
+            str(largest["layer"]), str(largest["tensor"]), tuple(int(d) for d in largest["shape"]), int(largest["bytes"])),
     )

@@ -1,13 +1,13 @@
 """ONNX -> TensorRT plan for one graph: strongly typed, one optimization profile, shared timing cache.
 
-The plan and the timing cache are written only after TensorRT succeeded, each through `atomic_path`, so an
-interrupted or failed build leaves the previous files (or none) and never a partial plan.
+The plan streams from TensorRT into a temporary file (`k4trt.engine.plan_io`), renamed onto the plan only after
+TensorRT succeeded, and the timing cache is written the same way, so an interrupted or failed build leaves
+the previous files (or none) and never a partial plan.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import signal
 import sys
 import threading
@@ -20,7 +20,9 @@ from k4trt.core.graphs import check_precision
 from k4trt.core.manifest import PlanFile, rebuild_command
 from k4trt.core.profiles import ShapeRange
 from k4trt.engine.collectives import place_collectives, placeholder_graph, require_all_to_all
-from k4trt.engine.trt_api import error_recorder, is_out_of_memory, recorded_errors, require_tensorrt
+from k4trt.engine.plan_io import plan_writer
+from k4trt.engine.trt_api import (describe_errors, error_recorder, is_out_of_memory, needs_strongly_typed_flag,
+                                  recorded_errors, require_tensorrt)
 from k4trt.errors import K4TRTError, first_line
 from k4trt.fsutil import atomic_path, check_writable_dir
 
@@ -58,21 +60,20 @@ def build_engine(
     if degree > 1:
         require_all_to_all()
     progress = BuildProgress(plan_path.name)
-    with _cancel_on_interrupt(progress), contextlib.ExitStack() as stack:
+    with _cancel_on_interrupt(progress), atomic_path(plan_path) as tmp_plan, contextlib.ExitStack() as stack:
         parsed, placeholders = stack.enter_context(placeholder_graph(onnx_path)) if degree > 1 else (onnx_path, [])
-        plan, cache = _serialize(parsed, plan_path, ranges, timing_cache, optimization_level, workspace_bytes, progress,
-                                 placeholders, degree)
-    with atomic_path(timing_cache) as tmp:
-        tmp.write_bytes(cache)
-    with atomic_path(plan_path) as tmp:
-        tmp.write_bytes(plan)
+        plan, cache = _serialize(parsed, plan_path, tmp_plan, ranges, timing_cache, optimization_level, workspace_bytes,
+                                 progress, placeholders, degree)
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(cache)
     progress.finish()
-    return PlanFile(size=plan.nbytes, sha256=hashlib.sha256(plan).hexdigest())
+    return plan
 
 
 def _serialize(
     onnx_path: Path,
     plan_path: Path,
+    tmp_plan: Path,
     ranges: Mapping[str, ShapeRange],
     timing_cache: Path,
     optimization_level: int,
@@ -80,22 +81,26 @@ def _serialize(
     progress: BuildProgress,
     placeholders: list[str],
     degree: int,
-) -> tuple[memoryview, memoryview]:
-    """Parse, configure and build; returns (serialized plan, serialized timing cache), as views of TensorRT's
-    host memory so a multi-GB plan is not copied before it is written.
+) -> tuple[PlanFile, memoryview]:
+    """Parse, configure and build, streaming the plan into `tmp_plan`; returns what was written and the
+    serialized timing cache (a view of TensorRT's host memory; it is megabytes, the plan is gigabytes).
 
     TensorRT Developer Guide: "Strongly Typed Networks" (the only mode in TensorRT 11; the ONNX carries bf16
     tensors and FP8 Q/DQ, so no precision flags are set), "Working with Dynamic Shapes" > "Optimization
     Profiles", "Optimizing Builder Performance" > "Timing Cache", and the IProgressMonitor / IErrorRecorder
-    interfaces ("How TensorRT Works" > "Error Handling and Logging").
+    interfaces ("How TensorRT Works" > "Error Handling and Logging"). Layer information is kept at DETAILED
+    profiling verbosity, which the engine inspector needs to show each layer's tensors (`k4trt.engine.inspect`).
     """
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath
     from polygraphy.exception import PolygraphyException
 
+    plan_name = plan_path.name
     again = rebuild_command(plan_path.parent)
     try:
-        builder, network, _parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
+        # the flag only before TensorRT 11, where it is deprecated because strong typing is the only mode
+        builder, network, _parser = NetworkFromOnnxPath(
+            str(onnx_path), strongly_typed=needs_strongly_typed_flag(trt.__version__))()
     except PolygraphyException as e:
         raise K4TRTError(f"TensorRT cannot parse {onnx_path} ({first_line(e)}); export it again: {again}") from None
     if degree > 1:
@@ -113,22 +118,24 @@ def _serialize(
             builder_optimization_level=optimization_level,
             memory_pool_limits=pools,
             progress_monitor=monitor,
+            profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
         )(builder, network)
-    host_plan = builder.build_serialized_network(network, config)
+    with tmp_plan.open("wb") as file:
+        writer, written = plan_writer(file)
+        ok = builder.build_serialized_network_to_stream(network, config, writer)
     if progress.cancelled:
         raise KeyboardInterrupt
-    if host_plan is None:
+    if not ok or written.size == 0:
         errors = recorded_errors(recorder)
         if is_out_of_memory(errors):
             workspace = " or a smaller workspace limit" if workspace_bytes is not None else ""
             raise K4TRTError(
-                f"building {plan_path.name} ran out of GPU memory; build for fewer or smaller --sizes, a shorter "
-                f"--max-duration{workspace}, and close other programs using the GPU ({errors[-1]})"
+                f"building {plan_name} ran out of GPU memory; build for fewer or smaller --sizes, a shorter "
+                f"--max-duration{workspace}, and close other programs using the GPU ({describe_errors(errors)})"
             )
-        detail = errors[-1] if errors else "no error was reported"
-        raise K4TRTError(f"TensorRT could not build {plan_path.name} from {onnx_path.name} ({detail}); "
-                         f"check the ONNX export, then: {again}")
-    return memoryview(host_plan), memoryview(config.get_timing_cache().serialize())
+        raise K4TRTError(f"TensorRT {trt.__version__} could not build {plan_name} from {onnx_path.name} "
+                         f"({describe_errors(errors)}); check the ONNX export, then: {again}")
+    return written.plan_file(), memoryview(config.get_timing_cache().serialize())
 
 
 def _check_onnx_precision(onnx_path: Path, precision: str) -> None:
@@ -194,7 +201,7 @@ def to_profile(ranges: Mapping[str, ShapeRange]) -> Profile:
     try:
         from polygraphy.backend.trt import Profile
     except ImportError:
-        raise K4TRTError("polygraphy is not installed: pip install 'k4trt[trt]'") from None
+        raise K4TRTError("polygraphy is not installed: pip install 'polygraphy>=0.53'") from None
     profile = Profile()
     for name, r in ranges.items():
         profile.add(name, min=r.min, opt=r.opt, max=r.max)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import onnx
 
+from k4trt.engine.trt_api import INSTALL
 from k4trt.errors import K4TRTError
 from k4trt.parallel.collective import ALL_TO_ALL, OP_TYPE
 
@@ -75,7 +76,7 @@ def require_all_to_all() -> None:
     operations = getattr(trt, "CollectiveOperation", None)
     if operations is None or not hasattr(operations, "ALL_TO_ALL"):
         raise K4TRTError(f"TensorRT {trt.__version__} has no all-to-all DistCollective layer, which a sequence-parallel "
-                         "DiT needs; install TensorRT 11.0 or later: pip install -U 'k4trt[trt]'")
+                         f"DiT needs; install TensorRT 11.0 or later: {INSTALL.replace('pip install', 'pip install -U', 1)}")
 
 
 def place_collectives(network: trt.INetworkDefinition, placeholders: list[str], degree: int) -> None:

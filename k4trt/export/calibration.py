@@ -59,9 +59,11 @@ def calibration_key(prompts: Sequence[str]) -> dict[str, str]:
     }
 
 
-def calibrate(weights: WeightsFolder, state_dict: dict[str, torch.Tensor], prompts: Sequence[str]) -> FP8Scales:
-    """Encode `prompts`, then sample with the DiT in the dtype it runs in on this machine (bf16 on a GPU,
-    float32 on the CPU) and return the recorded activation ranges."""
+def calibrate(weights: WeightsFolder, state_dict: dict[str, torch.Tensor], prompts: Sequence[str],
+              checkpoint_sha256: str) -> FP8Scales:
+    """Encode `prompts`, then run the 4-step sampler with the DiT in the dtype it runs in on this machine (bf16
+    on a GPU, float32 on the CPU) and return the recorded activation ranges, stamped with the SHA-256 of the
+    checkpoint `state_dict` was read from."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = default_dtype(device)
     encoder = TextEncoder.from_pretrained(weights.text_encoder, weights.tokenizer, device, dtype)
@@ -70,4 +72,5 @@ def calibrate(weights: WeightsFolder, state_dict: dict[str, torch.Tensor], promp
     dit = DiT.from_state_dict(state_dict, dtype=dtype, device=device)
     width, height = CALIBRATION_SIZE
     shape = (config.latent_frames(CALIBRATION_SECONDS), height // config.VAE_SPATIAL_FACTOR, width // config.VAE_SPATIAL_FACTOR)
-    return calibrate_with_sampler(dit, texts, [shape], Schedule.from_config_dir(weights.scheduler), SEED)
+    return calibrate_with_sampler(dit, texts, [shape], Schedule.from_config_dir(weights.scheduler), SEED,
+                                  checkpoint_sha256)

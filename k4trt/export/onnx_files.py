@@ -20,7 +20,7 @@ from k4trt.fsutil import atomic_path
 if TYPE_CHECKING:
     from onnx import GraphProto, TensorProto
 
-OPSET = 20
+OPSET = 23  # ONNX Attention (the DiT); TensorRT 10.15+ and 11.x parse opsets 9-24
 
 
 def save_onnx(model: ir.Model, path: Path) -> None:

@@ -1,8 +1,9 @@
 """Every ONNX file of an engines folder, exported or reused: the first half of build-engines (all of --onnx-only).
 
 For precision fp8: `dit.fp8.scales.json` (calibration), then `dit.fp8.onnx`; for bf16 `dit.bf16.onnx`; then
-the VAE's chunk graphs. Which graphs, and their names, are the registry's (`k4trt.core.graphs`). Each graph
-gets its float32 twin for ONNX Runtime on the CPU, and the manifest records what each artifact was made
+the VAE's chunk graphs. Which graphs, and their names, are the registry's (`k4trt.core.graphs`). With
+`twins`, each graph also gets its float32 twin for ONNX Runtime on the CPU (as large again as the graph, in
+float32 twice: only `--onnx-only` and `--twins` want them), and the manifest records what each artifact was made
 from (`k4trt.core.manifest`); an artifact whose weights and settings are unchanged, and whose files still
 hash as recorded, is reused; `force` exports it again. The calibration is reused even with `force`: it is
 deterministic in what it is keyed by, so redoing it would only repeat the same numbers (delete the file to
@@ -25,12 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from k4trt import config
-from k4trt.core.graphs import Case, GraphSpec, check_precision, folder_graphs, request_cases
+from k4trt.core.graphs import Case, GraphSpec, check_precision, external_data, folder_graphs, request_cases
 from k4trt.core.manifest import Artifact, FileDigest, Manifest, ModelFacts, rebuild_command, writing
 from k4trt.errors import K4TRTError
 from k4trt.export.calibration import DEFAULT_PROMPTS, calibrate, calibration_key
 from k4trt.export.dit_onnx import export_dit, move_exchange_to_custom_domain
-from k4trt.export.fp8 import FP8Scales
+from k4trt.export.fp8 import SCOPES, FP8Scales
 from k4trt.export.onnx_files import graph_files
 from k4trt.export.opcheck import require_supported
 from k4trt.export.twin import write_float32_twin
@@ -56,6 +57,7 @@ class OnnxSet:
     cases: list[Case]  # (width, height, seconds) of each requested case
     model: ModelFacts
     exported: list[str]  # artifacts written by this run (the others were reused)
+    fp8_scope: str | None = None  # which Linears of the DiT run in FP8 (`k4trt.export.fp8.SCOPES`), for fp8
 
 
 def export_onnx(
@@ -67,8 +69,10 @@ def export_onnx(
     max_duration: int = config.MAX_SECONDS,
     calib_prompts: Sequence[str] | None = None,
     force: bool = False,
+    fp8_scope: str = "all",
     fp8_attention: bool = False,
     degree: int = 1,
+    twins: bool = True,
     log: Callable[[str], None] = print,
     lock: contextlib.ExitStack | None = None,
 ) -> OnnxSet:
@@ -82,6 +86,8 @@ def export_onnx(
     check_precision(precision)
     if fp8_attention and precision != "fp8":
         raise K4TRTError("--fp8-attention quantizes the DiT's attention to FP8; it needs --precision fp8")
+    if fp8_scope not in SCOPES:
+        raise K4TRTError(f"--fp8-scope {fp8_scope!r} is not one of {', '.join(SCOPES)}")
     max_duration = config.check_duration(max_duration)
     prompts = list(DEFAULT_PROMPTS if calib_prompts is None else calib_prompts)
     if not prompts or not all(p.strip() for p in prompts):
@@ -98,13 +104,20 @@ def export_onnx(
     out_dir = prepare_out_dir(Path(out_dir))
     with contextlib.ExitStack() as own:
         (lock or own).enter_context(writing(out_dir))
-        return _export(weights, state, model, out_dir, precision, sizes, max_duration, prompts, force, fp8_attention,
-                       degree, log)
+        return _export(weights, state, model, out_dir, precision, sizes, max_duration, prompts, force,
+                       _DiTOptions(fp8_scope, fp8_attention, degree), twins, log)
+
+
+@dataclass(frozen=True)
+class _DiTOptions:
+    fp8_scope: str
+    fp8_attention: bool
+    degree: int  # sequence-parallel ranks the graph is for (1: the single-GPU graph)
 
 
 def _export(weights: WeightsFolder, state: dict[str, torch.Tensor], model: ModelFacts, out_dir: Path, precision: str,
-            sizes: list[tuple[int, int]], max_duration: int, prompts: list[str], force: bool, fp8_attention: bool,
-            degree: int, log: Callable[[str], None]) -> OnnxSet:
+            sizes: list[tuple[int, int]], max_duration: int, prompts: list[str], force: bool, options: _DiTOptions,
+            twins: bool, log: Callable[[str], None]) -> OnnxSet:
     manifest, _ = Manifest.load_or_start(out_dir, log)
     calibration_sources = [weights.text_encoder, weights.tokenizer, weights.scheduler] if precision == "fp8" else []
     dit_sha, vae_sha, calibration_sha = (
@@ -114,8 +127,9 @@ def _export(weights: WeightsFolder, state: dict[str, torch.Tensor], model: Model
     for dropped in manifest.record_weights(digests, str(weights.root.resolve())):
         log(f"{dropped}: made from other weights, dropped from the manifest")
     manifest.model = model
-    graphs = folder_graphs(precision, model.dit_config, model.vae_config, degree)
-    models = _Models(weights, state)
+    graphs = folder_graphs(precision, model.dit_config, model.vae_config, options.degree)
+    checkpoint = dit_sha[weights.dit.relative_to(weights.root).as_posix()].sha256
+    models = _Models(weights, state, checkpoint, twins)
     total = len(graphs) + (precision == "fp8")
     with _quiet_exporter(), _Steps(out_dir, manifest, force, total) as steps:
         dit_inputs = _shas(dit_sha)
@@ -123,20 +137,26 @@ def _export(weights: WeightsFolder, state: dict[str, torch.Tensor], model: Model
         if precision == "fp8":
             scales = scales_file = out_dir / SCALES_FILE
             steps.run(SCALES_FILE, dit_inputs | _shas(calibration_sha) | calibration_key(prompts), lambda: [scales_file],
-                      lambda: calibrate(weights, state, prompts).save(scales_file), reuse_despite_force=True)
+                      lambda: calibrate(weights, state, prompts, checkpoint).save(scales_file), reuse_despite_force=True)
             dit_inputs |= {SCALES_FILE: manifest.artifacts[SCALES_FILE].files[SCALES_FILE],
-                           "fp8_attention": "yes" if fp8_attention else "no"}
-        if degree > 1:
-            dit_inputs |= {"sp_degree": str(degree)}
+                           "fp8_scope": options.fp8_scope, "fp8_attention": "yes" if options.fp8_attention else "no"}
+        if options.degree > 1:
+            dit_inputs |= {"sp_degree": str(options.degree)}
         for spec in graphs.values():
             path = out_dir / spec.onnx
-            make = (partial(models.export_dit, spec, path, scales, fp8_attention) if spec.is_dit
+            make = (partial(models.export_dit, spec, path, scales, options) if spec.is_dit
                     else partial(models.export_vae, spec, path))
-            steps.run(spec.stem, dit_inputs if spec.is_dit else _shas(vae_sha), partial(_graph_and_twin, spec, out_dir), make)
+            files = partial(_written, spec, out_dir, twins)
+            steps.run(spec.stem, dit_inputs if spec.is_dit else _shas(vae_sha), files, make)
+            if twins and spec.twin not in manifest.artifacts[spec.stem].files:  # reused from a build without twins
+                log(f"{spec.stem}: writing its float32 twin")
+                models.twin(spec, path)
+                steps.record(spec.stem, manifest.artifacts[spec.stem].inputs, files())
 
     for spec in graphs.values():
         require_supported(out_dir / spec.onnx)
-    return OnnxSet(out_dir, precision, graphs, request_cases(sizes, max_duration), model, steps.exported)
+    return OnnxSet(out_dir, precision, graphs, request_cases(sizes, max_duration), model, steps.exported,
+                   options.fp8_scope if precision == "fp8" else None)
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
@@ -199,42 +219,60 @@ class _Steps:
         else:
             self._bar.write(f"{name}: exporting")
             make()
-            shas = {p.name: self.manifest.file_sha(self.out_dir, p.name) for p in files()}
-            self.manifest.artifacts[name] = Artifact(inputs, shas)
-            self.manifest.save(self.out_dir)
+            self.record(name, inputs, files())
             self.exported.append(name)
         self._bar.update()
 
+    def record(self, name: str, inputs: dict[str, str], files: list[Path]) -> None:
+        shas = {p.name: self.manifest.file_sha(self.out_dir, p.name) for p in files}
+        self.manifest.artifacts[name] = Artifact(inputs, shas)
+        self.manifest.save(self.out_dir)
+
 
 class _Models:
-    """Exports from the PyTorch modules, loaded on first use (a run that reuses every graph loads nothing) in
-    bf16, the precision the graphs carry. Each graph is followed by its float32 twin."""
+    """Exports from the PyTorch modules in bf16, the precision the graphs carry. The DiT is traced weightless
+    (`k4trt.export.dit_onnx`) with its weights streamed from the memory-mapped checkpoint; the VAE is loaded on
+    first use (a run that reuses every graph loads nothing). With `twins`, each graph is followed by its
+    float32 twin; without, a twin left by an earlier export of other weights is removed."""
 
-    def __init__(self, weights: WeightsFolder, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, weights: WeightsFolder, state: dict[str, torch.Tensor], checkpoint_sha256: str, twins: bool) -> None:
         self._weights = weights
         self._state = state
-        self._dit: DiT | None = None
+        self._checkpoint = checkpoint_sha256
+        self._twins = twins
         self._vae: VAEDecoder | None = None
 
-    def export_dit(self, spec: GraphSpec, path: Path, scales: Path | None, fp8_attention: bool) -> None:
-        if self._dit is None:
-            self._dit = DiT.from_state_dict(self._state, dtype=torch.bfloat16)
-        export_dit(self._dit, spec, path, fp8=FP8Scales.load(scales) if scales else None, fp8_attention=fp8_attention)
-        write_float32_twin(path, path.with_name(spec.twin))
-        if spec.degree > 1:
-            move_exchange_to_custom_domain(path.with_name(spec.twin))
+    def export_dit(self, spec: GraphSpec, path: Path, scales: Path | None, options: _DiTOptions) -> None:
+        with torch.device("meta"):
+            dit = DiT(infer_dit_config(self._state)).to(torch.bfloat16)
+        fp8 = FP8Scales.load(scales, self._checkpoint) if scales else None
+        export_dit(dit, spec, path, weights=self._state, fp8=fp8, fp8_scope=options.fp8_scope,
+                   fp8_attention=options.fp8_attention)
+        self.twin(spec, path)
 
     def export_vae(self, spec: GraphSpec, path: Path) -> None:
         if self._vae is None:
             self._vae = VAEDecoder.from_pretrained(self._weights.vae, dtype=torch.bfloat16)
         export_vae(self._vae, spec, path)
-        write_float32_twin(path, path.with_name(spec.twin))
+        self.twin(spec, path)
+
+    def twin(self, spec: GraphSpec, path: Path) -> None:
+        """The graph's float32 twin where twins are wanted; where not, no stale one is left to mislead."""
+        twin = path.with_name(spec.twin)
+        if self._twins:
+            write_float32_twin(path, twin)
+            if spec.degree > 1:
+                move_exchange_to_custom_domain(twin)
+        else:
+            for stale in (twin, twin.with_name(external_data(twin.name))):
+                stale.unlink(missing_ok=True)
 
 
-def _graph_and_twin(spec: GraphSpec, out_dir: Path) -> list[Path]:
-    """The graph's files and its twin's, as written (external data named by the graphs themselves)."""
+def _written(spec: GraphSpec, out_dir: Path, twins: bool) -> list[Path]:
+    """The graph's files, and its twin's where twins are written (external data named by the graphs themselves)."""
     again = rebuild_command(out_dir, extra="--onnx-only --force")
-    return graph_files(out_dir / spec.onnx, again) + graph_files(out_dir / spec.twin, again)
+    files = graph_files(out_dir / spec.onnx, again)
+    return files + graph_files(out_dir / spec.twin, again) if twins else files
 
 
 def _hash_weights(manifest: Manifest, root: Path, sources: Sequence[Path]) -> dict[str, FileDigest]:

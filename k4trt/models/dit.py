@@ -56,8 +56,8 @@ def _rotate(x: Tensor, rope: Tensor) -> Tensor:
 
 #: Unmasked joint attention: q, k, v [S, heads, head_dim] -> [S, heads·head_dim], scaled by 1/√head_dim.
 #: The DiT takes it as a constructor argument, so a backend or the exporter chooses the kernel (or the graph
-#: form) without touching the model: `sdpa_attention` runs, `explicit_attention` exports, a sequence-parallel
-#: wrapper exchanges heads around either.
+#: form) without touching the model: `sdpa_attention` runs, `onnx_attention` exports (`explicit_attention`
+#: where FP8 Q/DQ must sit inside attention), a sequence-parallel wrapper exchanges heads around either.
 Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -77,9 +77,20 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _tokens_first(F.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5))
 
 
+def onnx_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`torch.onnx.ops.attention`, which the dynamo exporter writes as one ONNX `Attention` node (opset 23) and
+    TensorRT (10.14+) imports as a non-decomposable IAttention: a fused kernel or a build error, never a
+    materialised score tensor. Inputs are 4-D [1, heads, S, d], the form TensorRT's parser requires; only
+    `scale` is set (TensorRT rejects `softcap` and `qk_matmul_output_mode`). In eager mode it is PyTorch's
+    reference implementation of the op."""
+    q, k, v = _heads_first(q, k, v)
+    out, *_ = torch.onnx.ops.attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    return _tokens_first(out)
+
+
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q·scale → MatMul → Softmax → MatMul written out: the graph TensorRT fuses into its flash-attention
-    kernels, and where FP8 Q/DQ can sit inside attention. TensorRT accepts the scale on q alone or √scale on
+    """q·scale → MatMul → Softmax → MatMul written out: the form in which FP8 Q/DQ can sit inside attention
+    (`--fp8-attention`), left to TensorRT's pattern fusion. TensorRT accepts the scale on q alone or √scale on
     both; q alone is kept because 1/√64 = 1/8 is exact in bf16, where √(1/8) on q and k would round both. In
     PyTorch its scores and softmax are in q's dtype, so in bf16 it is less accurate than SDPA; it exists to
     be exported."""

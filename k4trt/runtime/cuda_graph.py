@@ -16,8 +16,12 @@ Developer Guide, "Working with CUDA Graphs"):
   are baked into the captured launches); the previous graph is released.
 
 The first call for a signature runs `fn` eagerly on a side stream (the warm-up both guides require:
-lazy initialisation and TensorRT's deferred per-shape setup happen outside capture) and returns that result,
-then captures `fn` for later calls; capturing does not execute, so the first call costs one ordinary run.
+lazy initialisation and TensorRT's deferred per-shape setup happen outside capture; the TensorRT executor
+also allocates and binds its fixed buffers for the signature then, `k4trt.runtime.trt_bindings`) and returns
+that result, then captures `fn` for later calls; capturing does not execute, so the first call costs one
+ordinary run. Capture is in thread-local mode (cudaStreamCaptureModeThreadLocal): only this thread's unsafe
+CUDA calls invalidate it, not another thread's (a video encoder, a server's other requests), as TensorRT's
+CUDA-graph guidance uses.
 When capture fails (a data-dependent shape, a synchronizing call, an engine TensorRT cannot capture), a
 warning says so and every later call runs eagerly. CPU tensors and `enabled=False` (the CLI's
 `--no-cuda-graph`) always run eagerly.
@@ -84,7 +88,7 @@ class CudaGraphRunner(Generic[T]):
         caller.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = self.fn(*static)
         except Exception as e:  # whatever the callable raised while being captured: capture is impossible
             warnings.warn(f"CUDA graph capture failed ({first_line(e)}); running eagerly from now on", RuntimeWarning,

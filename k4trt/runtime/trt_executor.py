@@ -2,8 +2,10 @@
 
 Four execution contexts (the DiT and the VAE's image, head and body graphs) share ONE block of activation
 memory sized for the largest: they never run at the same time (one stream, in order), so holding four blocks
-would only waste GPU memory. Inputs and outputs are torch tensors bound by address, so nothing is copied between torch and
-TensorRT and the sampler's loop, TensorRT calls included, can be captured in a CUDA graph.
+would only waste GPU memory. Each context's inputs and outputs are fixed torch buffers per shape signature,
+bound once (`k4trt.runtime.trt_bindings`): calls copy into and out of them, so the sampler's loop, TensorRT
+calls included, is captured in a CUDA graph without any binding changing inside the capture. Plans are read
+streamed (`k4trt.engine.plan_io`), never as one bytes object of the whole file.
 
 On a rank of a sequence-parallel run (`world` given) the DiT plan is the folder's `dit.sp{P}` one, the same
 plan on every rank, its exchanges DistCollective layers; its context runs them on an NCCL communicator
@@ -25,10 +27,13 @@ from k4trt.core.gpu import current_gpu
 from k4trt.core.graphs import DIT, GraphSpec, folder_graphs, vae_role
 from k4trt.core.manifest import MANIFEST, BuildEnvironment, EngineRecord, Manifest, plan_problem
 from k4trt.core.profiles import uncovered
-from k4trt.engine.trt_api import error_recorder, is_out_of_memory, recorded_errors, require_tensorrt
+from k4trt.engine.plan_io import deserialize
+from k4trt.engine.trt_api import (check_aligned, describe_errors, error_recorder, is_out_of_memory, recorded_errors,
+                                  require_tensorrt)
 from k4trt.errors import K4TRTError
 from k4trt.runtime.engines_folder import choose_dit, open_engines
 from k4trt.runtime.nccl import Communicator
+from k4trt.runtime.trt_bindings import BoundIO
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -88,12 +93,19 @@ class TensorRTExecutor(Executor):
             self._stream = torch.cuda.Stream(self.device)
             size = max(e.device_memory_size_v2 for e in self._engines.values())
             self._workspace = self._allocate((size,), torch.uint8, "the engines' activation memory")
+            check_aligned(self._workspace.data_ptr(), "the engines' activation memory")
             self._contexts = {graph: self._context(graph, e, size) for graph, e in self._engines.items()}
             self._communicator = None
             if world is not None:
                 self._communicator = Communicator(world.rank, world.size, self.device)
                 if not cast(_MultiDeviceContext, self._contexts[DIT]).set_communicator(self._communicator.capsule()):
                     raise self._failure(f"TensorRT refused the NCCL communicator for {specs[DIT].plan}")
+            self._bound = {graph: BoundIO(self._contexts[graph], io.plan,
+                                          {n: io.dtypes[n] for n in io.spec.input_names},
+                                          {n: io.dtypes[n] for n in io.spec.output_names},
+                                          lambda nbytes, what: self._allocate((nbytes,), torch.uint8, what),
+                                          self._failure)
+                           for graph, io in self._io.items()}
 
     def dit(self, x: torch.Tensor, text: torch.Tensor, time: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         t, h, w = x.shape[:3]
@@ -118,8 +130,9 @@ class TensorRTExecutor(Executor):
         return frames, new
 
     def close(self) -> None:
-        """Contexts before their engines, then the shared memory (TensorRT Developer Guide, "How TensorRT
-        Works" > "Object Lifetimes")."""
+        """Buffers and contexts before their engines, then the shared memory (TensorRT Developer Guide, "How
+        TensorRT Works" > "Object Lifetimes")."""
+        self._bound.clear()
         self._contexts.clear()
         self._engines.clear()
         if self._communicator is not None:
@@ -128,14 +141,14 @@ class TensorRTExecutor(Executor):
         torch.cuda.empty_cache()
 
     def _run(self, graph: str, tensors: Sequence[torch.Tensor], hint: str) -> list[torch.Tensor]:
-        """Bind torch tensors by address and enqueue on this executor's stream.
+        """Copy into the context's bound buffers and enqueue on this executor's stream.
 
         TensorRT Developer Guide, "The Python API" > "Performing Inference" (set_input_shape, output shapes from
-        get_tensor_shape once every input shape is set, set_tensor_address, execute_async_v3). The dedicated
-        stream avoids the extra synchronization TensorRT adds on the legacy default stream; it waits for the
-        caller's stream before and the caller's stream waits for it after, so ordering (and CUDA-graph capture,
-        which follows these event dependencies) behaves as if everything ran on the caller's stream. Tensors
-        freed after return are only reused by work ordered after this call, so no record_stream is needed.
+        get_tensor_shape once every input shape is set, set_tensor_address, execute_async_v3), done once per
+        shape signature by `BoundIO`. The dedicated stream avoids the extra synchronization TensorRT adds on the
+        legacy default stream; it waits for the caller's stream (where the inputs were copied in) before, and
+        the caller's stream waits for it (before copying the outputs out) after, so ordering, and CUDA-graph
+        capture, which follows these event dependencies, behave as if everything ran on the caller's stream.
         """
         io = self._io[graph]
         if len(tensors) != len(io.spec.inputs):
@@ -147,32 +160,17 @@ class TensorRTExecutor(Executor):
             raise K4TRTError(f"{io.plan} in {self.engines_dir} was not built for this request ({'; '.join(problems)}); "
                              f"rebuild the engines to include it: {command}")
         with torch.cuda.device(self.device):
-            return self._enqueue(graph, io, inputs)
+            return self._bound[graph].run(list(inputs.values()), lambda: self._launch(graph, io, inputs))
 
-    def _enqueue(self, graph: str, io: _Io, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        context = self._contexts[graph]
-        bound = [t.to(device=self.device, dtype=io.dtypes[name]).contiguous() for name, t in inputs.items()]
-        for name, tensor in zip(inputs, bound):
-            if not context.set_input_shape(name, tuple(tensor.shape)):
-                raise self._failure(f"TensorRT rejected {name} of shape {tuple(tensor.shape)} for {io.plan}")
-            context.set_tensor_address(name, tensor.data_ptr())
-        outputs: dict[str, torch.Tensor] = {}
-        for name in io.spec.output_names:
-            shape = _dims(context.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise K4TRTError(f"{io.plan}: output {name} has a data-dependent shape {shape}, which this executor "
-                                 f"does not support; rebuild the engines: {self._manifest.rebuild_command(self.engines_dir)}")
-            outputs[name] = self._allocate(shape, io.dtypes[name], f"the output {name} of {io.plan}")
-            context.set_tensor_address(name, outputs[name].data_ptr())
+    def _launch(self, graph: str, io: _Io, inputs: Mapping[str, torch.Tensor]) -> None:
         caller = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(caller)
         self._recorder.clear()
-        ok = context.execute_async_v3(self._stream.cuda_stream)
+        ok = self._contexts[graph].execute_async_v3(self._stream.cuda_stream)
         caller.wait_stream(self._stream)
         if not ok:
             shapes = {name: tuple(t.shape) for name, t in inputs.items()}
             raise self._failure(f"TensorRT failed to run {io.plan} on {shapes}")
-        return list(outputs.values())
 
     def _deserialize(self, plan: str) -> trt.ICudaEngine:
         """TensorRT Developer Guide, "The Python API" > "Deserializing a Plan". The size recorded at build time
@@ -186,14 +184,13 @@ class TensorRTExecutor(Executor):
         if problem:
             raise K4TRTError(f"{problem}; rebuild the engines: {self._manifest.rebuild_command(self.engines_dir)}")
         self._recorder.clear()
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        engine = deserialize(self._runtime, path)
         if engine is None:
             errors = recorded_errors(self._recorder)
             if is_out_of_memory(errors):
                 raise K4TRTError(f"not enough free GPU memory to load {path}; close other programs using the GPU")
-            detail = errors[-1] if errors else "no error was reported"
-            raise K4TRTError(f"{path} is corrupt or not a plan for this TensorRT ({detail}); rebuild the engines: "
-                             f"{self._manifest.rebuild_command(self.engines_dir)}")
+            raise K4TRTError(f"{path} is corrupt or not a plan for this TensorRT ({describe_errors(errors)}); rebuild "
+                             f"the engines: {self._manifest.rebuild_command(self.engines_dir)}")
         return engine
 
     def _context(self, graph: str, engine: trt.ICudaEngine, size: int) -> trt.IExecutionContext:
@@ -220,13 +217,8 @@ class TensorRTExecutor(Executor):
         if is_out_of_memory(errors):
             return K4TRTError(f"{what}: out of GPU memory; use a smaller --size or a shorter --duration, "
                               "or close other programs using the GPU")
-        detail = errors[-1] if errors else "no error was reported"
-        return K4TRTError(f"{what} ({detail}); if the engines are stale, rebuild them: "
+        return K4TRTError(f"{what} ({describe_errors(errors)}); if the engines are stale, rebuild them: "
                           f"{self._manifest.rebuild_command(self.engines_dir)}")
-
-
-def _dims(dims: trt.Dims) -> tuple[int, ...]:
-    return tuple(dims[i] for i in range(len(dims)))
 
 
 def _cuda_device(device: torch.device | str) -> torch.device:
