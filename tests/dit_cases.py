@@ -1,4 +1,5 @@
-"""Tiny DiTs and graph inputs shared by the export and FP8 tests: random everywhere, bf16-representable."""
+"""Tiny DiTs, graph inputs and comparison measures shared by the export, FP8 and parallel tests: random
+everywhere, bf16-representable."""
 
 from __future__ import annotations
 
@@ -40,3 +41,15 @@ def random_inputs(cfg: DiTConfig, size: tuple[int, int, int], seed: int) -> dict
         "time": torch.randint(1, 1000, (1,), generator=g).float(),
         "rope": build_rope(cfg, *size, dtype=torch.bfloat16).float(),
     }
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference in units of b's last place (bf16: 7 explicit mantissa bits)."""
+    b64 = b.double()
+    spacing = torch.exp2(torch.floor(torch.log2(b64.abs().clamp_min(2.0**-126))) - 7)
+    return ((a.double() - b64).abs() / spacing).max().item()

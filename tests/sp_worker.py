@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dit_cases import random_dit  # noqa: E402
+from dit_cases import random_dit, relative, ulps  # noqa: E402
 
 from k4trt.config import TEXT_TOKENS  # noqa: E402
 from k4trt.core.sampler import draw_noises, sample  # noqa: E402
@@ -35,16 +35,6 @@ from k4trt.weights.tiny import TINY_DIT  # noqa: E402
 #: latent grids [T, h, w]: token counts that split evenly over 2 and 4 ranks, and ones that need 1-3 pad rows
 SIZES = [(1, 4, 4), (3, 6, 10), (2, 10, 6), (3, 2, 6), (1, 2, 2)]
 
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def ulps(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference in units of b's last place (bf16: 7 explicit mantissa bits)."""
-    b64 = b.double()
-    spacing = torch.exp2(torch.floor(torch.log2(b64.abs().clamp_min(2.0**-126))) - 7)
-    return ((a.double() - b64).abs() / spacing).max().item()
 
 
 class _NoVae(torch.nn.Module):

@@ -22,7 +22,7 @@ import onnx
 import pytest
 import torch
 
-from dit_cases import random_dit
+from dit_cases import random_dit, relative, ulps
 from k4trt.cli.main import main as k4trt_main
 from k4trt.config import TEXT_TOKENS, DiTConfig
 from k4trt.core.graphs import dit_graph, dit_stem_degree, folder_graphs
@@ -47,15 +47,6 @@ WORKER = Path(__file__).with_name("sp_worker.py")
 F32_TOLERANCE, BF16_ULPS = 1e-5, 2
 LAUNCH_TIMEOUT = 120  # seconds for one torchrun launch; the checks in it take a few
 
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def ulps(a: torch.Tensor, b: torch.Tensor) -> float:
-    b64 = b.double()
-    spacing = torch.exp2(torch.floor(torch.log2(b64.abs().clamp_min(2.0**-126))) - 7)
-    return ((a.double() - b64).abs() / spacing).max().item()
 
 
 # ---------------------------------------------------------------- the layout

@@ -107,10 +107,6 @@ def check_precision(precision: str) -> str:
 
 # ---------------------------------------------------------------- the DiT
 
-DIT_INPUTS = ("x", "text", "time", "rope")
-#: the sequence-parallel DiT's inputs: the rank's rows of each single-GPU input, and the attention order
-DIT_SP_INPUTS = ("x", "text", "time", "rope", "order")
-
 
 def dit_graph(precision: str, cfg: DiTConfig, degree: int = 1) -> GraphSpec:
     """One DiT call: latents x [T, h, w, C], the text embedding [224, D], the timestep [1] (float32) and the
@@ -122,39 +118,28 @@ def dit_graph(precision: str, cfg: DiTConfig, degree: int = 1) -> GraphSpec:
     [N + 224] int64, which rows of the P ranks' gathered rows are the real tokens, in the single-GPU order
     [visual; text]; -> velocity [n, C·pt·ph·pw]. n (rows per rank) and N + 224 are dynamic."""
     check_precision(precision)
-    if degree > 1:
-        return _dit_sp_graph(precision, cfg, degree)
     pt, ph, pw = cfg.patch_size
-    grid = {0: Axis("t"), 1: Axis("h"), 2: Axis("w")}
-    latent = {0: Axis("t", pt), 1: Axis("h", ph), 2: Axis("w", pw)}
+    if degree == 1:
+        stem = f"{DIT}.{precision}"
+        latent = {0: Axis("t", pt), 1: Axis("h", ph), 2: Axis("w", pw)}
+        grid = {0: Axis("t"), 1: Axis("h"), 2: Axis("w")}
+        order: tuple[TensorSpec, ...] = ()
+    else:  # one axis of rows per rank instead of the latent grid, and the gathered rows' order
+        stem = f"{DIT}.sp{degree}.{precision}"
+        latent = grid = {0: Axis("n")}
+        order = (TensorSpec("order", torch.int64, {0: Axis("m")}),)
     return GraphSpec(
         name=DIT,
-        stem=f"{DIT}.{precision}",
+        stem=stem,
         precision=precision,
         inputs=(
             TensorSpec("x", torch.bfloat16, latent),
             TensorSpec("text", torch.bfloat16),
             TensorSpec("time", torch.float32),
             TensorSpec("rope", torch.bfloat16, grid),
+            *order,
         ),
         outputs=(TensorSpec("velocity", torch.bfloat16, latent),),
-    )
-
-
-def _dit_sp_graph(precision: str, cfg: DiTConfig, degree: int) -> GraphSpec:
-    rows = {0: Axis("n")}
-    return GraphSpec(
-        name=DIT,
-        stem=f"{DIT}.sp{degree}.{precision}",
-        precision=precision,
-        inputs=(
-            TensorSpec("x", torch.bfloat16, rows),
-            TensorSpec("text", torch.bfloat16),
-            TensorSpec("time", torch.float32),
-            TensorSpec("rope", torch.bfloat16, rows),
-            TensorSpec("order", torch.int64, {0: Axis("m")}),
-        ),
-        outputs=(TensorSpec("velocity", torch.bfloat16, rows),),
         degree=degree,
     )
 
