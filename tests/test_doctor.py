@@ -11,7 +11,7 @@ from k4trt.cli import doctor as doctor_mod
 from k4trt.cli.doctor import doctor
 from k4trt.config import DiTConfig
 from k4trt.core.gpu import GpuInfo
-from k4trt.core.manifest import Artifact, BuildEnvironment, EngineRecord, Manifest, ModelFacts, PlanFile
+from k4trt.core.manifest import Artifact, BuildEnvironment, EngineRecord, FileDigest, Manifest, ModelFacts
 from k4trt.core.profiles import ShapeRange
 from k4trt.models.vae import tiny_vae_config
 
@@ -96,7 +96,7 @@ def _engines_folder(folder, plans: dict[str, bytes], stamped: bool = False) -> N
         graph = name.split(".")[0]
         sha = hashlib.sha256(data).hexdigest()
         manifest.engines[name] = EngineRecord(graph, "fp8" if graph == "dit" else "bf16", {}, profile, {},
-                                              PlanFile(len(data), sha))
+                                              FileDigest(len(data), sha))
         if stamped:
             manifest.stamps.record(folder / name, name, sha)
     manifest.save(folder)

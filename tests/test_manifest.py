@@ -27,7 +27,6 @@ from k4trt.core.manifest import (
     Manifest,
     ManifestError,
     ModelFacts,
-    PlanFile,
     plan_problem,
     rebuild_command,
     writing,
@@ -50,7 +49,7 @@ def _full_manifest() -> Manifest:
         environment=BuildEnvironment("11.4.0.1", H100),
         engines={"dit.fp8.plan": EngineRecord("dit", "fp8", {"dit.fp8.onnx": "11"},
                                               {"x": ShapeRange((1, 2), (3, 4), (5, 6))},
-                                              {"optimization_level": 3, "workspace_bytes": None}, PlanFile(5, "ab"))},
+                                              {"optimization_level": 3, "workspace_bytes": None}, FileDigest(5, "ab"))},
     )
     m.stamps = StampCache.from_json({"dit.fp8.onnx": {"size": 1, "mtime_ns": 2, "inode": 3, "sha256": "11"}})
     return m
@@ -133,7 +132,7 @@ def test_foreign_weights_are_found_by_size_or_by_hash_of_small_files(tmp_path, m
 
 
 def test_plan_problem_names_a_truncated_or_missing_plan(tmp_path):
-    record = EngineRecord("dit", "fp8", {}, {}, {}, PlanFile(5, "ab"))
+    record = EngineRecord("dit", "fp8", {}, {}, {}, FileDigest(5, "ab"))
     (tmp_path / "dit.fp8.plan").write_bytes(b"x" * 5)
     assert plan_problem(tmp_path, "dit.fp8.plan", record) is None
     (tmp_path / "dit.fp8.plan").write_bytes(b"xx")

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from k4trt.config import DiTConfig
 from k4trt.core.gpu import GpuInfo, current_gpu
 from k4trt.core.graphs import GraphSpec, folder_graphs, input_shapes, request_cases
-from k4trt.core.manifest import BuildEnvironment, EngineRecord, Manifest, ModelFacts, PlanFile
+from k4trt.core.manifest import BuildEnvironment, EngineRecord, FileDigest, Manifest, ModelFacts
 from k4trt.engine.trt_api import MISSING, tensorrt_version
 from k4trt.errors import K4TRTError
 from k4trt.export.onnx_set import OnnxSet
@@ -50,7 +50,7 @@ def test_executor_without_tensorrt_names_the_pip_command(tmp_path):
 
 
 def _manifest_with(*plans: str) -> Manifest:
-    record = EngineRecord("dit", "bf16", {}, {}, {}, PlanFile(1, "00"))
+    record = EngineRecord("dit", "bf16", {}, {}, {}, FileDigest(1, "00"))
     return Manifest(weights_dir="/w", model=MODEL, engines={p: record for p in plans})
 
 

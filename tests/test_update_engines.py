@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from k4trt.core.gpu import GpuInfo
 from k4trt.core.graphs import folder_graphs, request_cases
-from k4trt.core.manifest import Activation, Artifact, BuildEnvironment, FileDigest, Inspection, Manifest, ModelFacts, PlanFile
+from k4trt.core.manifest import Activation, Artifact, BuildEnvironment, FileDigest, Inspection, Manifest, ModelFacts
 from k4trt.engine import update as update_mod
 from k4trt.engine.trt_api import MISSING, tensorrt_version
 from k4trt.engine.update import TIMING_CACHE, current_environment, update_engines
@@ -48,7 +48,7 @@ class FakeBuilder:
         plan_path.write_bytes(plan)
         with timing_cache.open("ab") as cache:
             cache.write(plan_path.name.encode())
-        return PlanFile(len(plan), hashlib.sha256(plan).hexdigest())
+        return FileDigest(len(plan), hashlib.sha256(plan).hexdigest())
 
 
 class FakeInspector:

@@ -56,6 +56,9 @@ class ManifestError(K4TRTError):
 
 @dataclass(frozen=True)
 class FileDigest:
+    """A file's size and SHA-256: a weight file as an export read it, a plan as its build wrote it (a size
+    that differs later means truncated or replaced)."""
+
     size: int
     sha256: str
 
@@ -97,12 +100,6 @@ class BuildEnvironment:
 
 
 @dataclass(frozen=True)
-class PlanFile:
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
 class Activation:
     """One tensor of a built engine: the layer that writes it, its name, shape and size in bytes."""
 
@@ -132,7 +129,7 @@ class EngineRecord:
     onnx: dict[str, str]  # {file name: SHA-256} of the graph and its external data
     profile: dict[str, ShapeRange]  # per input
     options: dict[str, int | None]  # builder settings that change the plan (optimization level, workspace)
-    plan: PlanFile | None = None  # None until built
+    plan: FileDigest | None = None  # None until built
     degree: int = 1  # sequence-parallel ranks the plan runs on (one plan serves them all); 1: one GPU
     fp8_scope: str | None = None  # which Linears run in FP8 (`k4trt.export.fp8.SCOPES`); None for bf16 graphs
     inspection: Inspection | None = None  # recorded once the built plan passed the inspector check
@@ -342,7 +339,7 @@ def _engine_from_json(data: Mapping[str, Any]) -> EngineRecord:
         onnx=dict(data["onnx"]),
         profile={name: ShapeRange.from_json(s) for name, s in data["profile"].items()},
         options=dict(data["options"]),
-        plan=PlanFile(int(plan["size"]), str(plan["sha256"])) if plan is not None else None,
+        plan=FileDigest(int(plan["size"]), str(plan["sha256"])) if plan is not None else None,
         degree=int(data["degree"]),
         fp8_scope=None if data["fp8_scope"] is None else str(data["fp8_scope"]),
         inspection=None if data["inspection"] is None else _inspection(data["inspection"]),

@@ -17,12 +17,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from k4trt.core.graphs import check_precision
-from k4trt.core.manifest import PlanFile, rebuild_command
+from k4trt.core.manifest import FileDigest, rebuild_command
 from k4trt.core.profiles import ShapeRange
 from k4trt.engine.collectives import place_collectives, placeholder_graph, require_all_to_all
 from k4trt.engine.plan_io import plan_writer
-from k4trt.engine.trt_api import (describe_errors, error_recorder, is_out_of_memory, needs_strongly_typed_flag,
-                                  recorded_errors, require_tensorrt)
+from k4trt.engine.trt_api import (
+    describe_errors,
+    error_recorder,
+    is_out_of_memory,
+    needs_strongly_typed_flag,
+    recorded_errors,
+    require_tensorrt,
+)
 from k4trt.errors import K4TRTError, first_line
 from k4trt.fsutil import atomic_path, check_writable_dir
 
@@ -41,7 +47,7 @@ def build_engine(
     optimization_level: int = 3,
     workspace_bytes: int | None = None,
     degree: int = 1,
-) -> PlanFile:
+) -> FileDigest:
     """Build `plan_path` from `onnx_path` with one optimization profile of `ranges` (per input, from
     `k4trt.core.graphs.profile`). A graph for `degree` > 1 sequence-parallel ranks gets its exchanges as
     DistCollective layers (`k4trt.engine.collectives`); the one plan serves every rank.
@@ -81,7 +87,7 @@ def _serialize(
     progress: BuildProgress,
     placeholders: list[str],
     degree: int,
-) -> tuple[PlanFile, memoryview]:
+) -> tuple[FileDigest, memoryview]:
     """Parse, configure and build, streaming the plan into `tmp_plan`; returns what was written and the
     serialized timing cache (a view of TensorRT's host memory; it is megabytes, the plan is gigabytes).
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from k4trt.core.manifest import PlanFile
+from k4trt.core.manifest import FileDigest
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -53,8 +53,8 @@ class _Written:
         self.size += len(data)
         self._digest.update(data)
 
-    def plan_file(self) -> PlanFile:
-        return PlanFile(self.size, self._digest.hexdigest())
+    def plan_file(self) -> FileDigest:
+        return FileDigest(self.size, self._digest.hexdigest())
 
 
 def deserialize(runtime: trt.Runtime, path: Path) -> trt.ICudaEngine | None:

@@ -18,10 +18,17 @@ from pathlib import Path
 from typing import Protocol
 
 from k4trt.config import DiTConfig
-from k4trt.core.graphs import GraphSpec, dit_sequence, profile
 from k4trt.core.gpu import FP8_COMPUTE_CAPABILITY, current_gpu
-from k4trt.core.manifest import (BuildEnvironment, EngineRecord, Inspection, Manifest, PlanFile, plan_problem,
-                                 rebuild_command)
+from k4trt.core.graphs import GraphSpec, dit_sequence, profile
+from k4trt.core.manifest import (
+    BuildEnvironment,
+    EngineRecord,
+    FileDigest,
+    Inspection,
+    Manifest,
+    plan_problem,
+    rebuild_command,
+)
 from k4trt.core.profiles import ShapeRange
 from k4trt.engine.build import build_engine
 from k4trt.engine.trt_api import describe_errors, error_recorder, recorded_errors, require_tensorrt, tensorrt_version
@@ -36,7 +43,7 @@ class Builder(Protocol):
     """`k4trt.engine.build.build_engine`'s signature; tests pass a fake that writes a plan and records calls."""
 
     def __call__(self, onnx_path: Path, plan_path: Path, ranges: Mapping[str, ShapeRange], timing_cache: Path,
-                 precision: str, *, optimization_level: int, workspace_bytes: int | None, degree: int) -> PlanFile: ...
+                 precision: str, *, optimization_level: int, workspace_bytes: int | None, degree: int) -> FileDigest: ...
 
 
 class Inspector(Protocol):
