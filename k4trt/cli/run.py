@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from k4trt import config
+from k4trt import __version__, config
+from k4trt.engine.layout import PRECISIONS
 from k4trt.errors import K4TRTError
-from k4trt.fsutil import check_writable_dir
+from k4trt.fsutil import check_output_file
+from k4trt.weights.layout import WeightsFolder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("trt", "torch", "onnxruntime"), default="torch",
                    help="trt: TensorRT engines (fastest); torch: PyTorch reference; onnxruntime: the exported graphs")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when a GPU is visible, else cpu")
-    p.add_argument("--seed", type=int, help="same seed, same video (default: random, printed)")
+    p.add_argument("--dit-precision", choices=PRECISIONS,
+                   help="which DiT graph of --engines to run (--backend trt|onnxruntime); default: fp8 where "
+                   "it was built, else bf16")
+    p.add_argument("--seed", type=int, help="0 to 2**64-1; same seed, same video (default: random, printed)")
     p.add_argument("--duration", type=float, default=12, metavar="SECONDS",
                    help=f"whole seconds, 0-{config.MAX_SECONDS}; 0 makes a single image (default 12)")
     p.add_argument("--size", default="672x384", metavar="WxH",
@@ -38,50 +44,70 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(command=run)
 
 
-def _check_side_outputs(args: argparse.Namespace) -> None:
+def _check_outputs(args: argparse.Namespace, output: Path) -> None:
+    """Suffix, folder, name length and "not an existing folder" of every file the run writes, and no two of
+    them the same file (one would silently replace the other)."""
+    paths = [("-o", output)]
     for flag, path, suffix in (("--save-latents", args.save_latents, ".npy"), ("--save-frames", args.save_frames, ".npy"),
                                ("--report", args.report, ".json")):
         if path is None:
             continue
         if path.suffix.lower() != suffix:
             raise K4TRTError(f"{flag} {path}: the file name must end in {suffix}")
-        check_writable_dir(path.parent.resolve(), f"{flag} {path}")
+        check_output_file(path, f"{flag} {path}")
+        paths.append((flag, path))
+    seen: dict[str, str] = {}
+    for flag, path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise K4TRTError(f"{seen[real]} and {flag} both name {path}; give each its own file")
+        seen[real] = flag
 
 
-def _is_released(weights: Path) -> bool:
+def _is_released(folder: WeightsFolder) -> bool:
     """Whether the checkpoint is the released architecture (only its seven trained sizes are allowed). Cheap:
     the checkpoint is memory-mapped and only its shapes are read."""
     from k4trt.models.dit import infer_dit_config
     from k4trt.weights.checkpoint import read_dit_state_dict
-    from k4trt.weights.layout import WeightsFolder
 
-    folder = WeightsFolder(weights).require()
     return infer_dit_config(read_dit_state_dict(folder.dit)) == config.RELEASED_DIT
 
 
 def run(args: argparse.Namespace) -> int:
-    from k4trt.runtime.pipeline import Pipeline, check_request, save_array
-    from k4trt.runtime.report import format_table, save_report
+    """Every check that needs no model (request, paths, weights layout, memory) comes before loading."""
+    from k4trt.runtime.pipeline import (Pipeline, check_backend, check_memory_before_loading, check_request,
+                                        resolve_device, save_array)
+    from k4trt.runtime.report import format_table, is_reference, save_report
 
     width, height = config.parse_size(args.size)
     seconds = config.check_duration(args.duration)
     output = args.output or Path("k4trt.png" if seconds == 0 else "k4trt.mp4")
-    _check_side_outputs(args)
-    check_request(args.prompt, seconds, width, height, output, released=_is_released(args.weights))
+    check_backend(args.backend, args.dit_precision)
+    folder = WeightsFolder(args.weights).require()
+    request = check_request(args.prompt, seconds, width, height, output, released=_is_released(folder), seed=args.seed)
+    _check_outputs(args, output)
+    device = resolve_device(args.device)
+    check_memory_before_loading(folder, args.backend, device, seconds, width, height, args.save_frames is not None)
 
-    pipe = Pipeline.from_pretrained(args.weights, backend=args.backend, device=args.device, engines=args.engines,
-                                    cuda_graph=not args.no_cuda_graph)
-    result = pipe.generate(args.prompt, seed=args.seed, seconds=seconds, width=width, height=height, output=output,
+    pipe = Pipeline.from_pretrained(args.weights, backend=args.backend, device=device, engines=args.engines,
+                                    cuda_graph=not args.no_cuda_graph, dit_precision=args.dit_precision)
+    result = pipe.generate(args.prompt, seed=request.seed, seconds=seconds, width=width, height=height, output=output,
                            keep_frames=args.save_frames is not None, progress=not args.no_progress)
+    print(f"wrote {output} ({result.frames_written} frames, seed {result.seed}, DiT {pipe.dit_precision})")
     if args.save_latents:
         save_array(args.save_latents, result.latents)
+        print(f"wrote {args.save_latents}")
     if args.save_frames:
         assert result.frames is not None
         save_array(args.save_frames, result.frames)
-    settings = {"prompt": args.prompt, "seed": result.seed, "duration_s": seconds, "width": width, "height": height,
-                "backend": args.backend, "device": str(pipe.executor.device)}
+        print(f"wrote {args.save_frames}")
+    reference = is_reference(seconds, width, height)
     if args.report:
-        save_report(args.report, result.stages, settings)
-    print(f"wrote {output} ({config.video_frames(config.latent_frames(seconds))} frames, seed {result.seed})")
-    print(format_table(result.stages))
+        settings = {"prompt": args.prompt, "seed": result.seed, "duration_s": seconds, "width": width, "height": height,
+                    "backend": args.backend, "device": str(pipe.executor.device)}
+        save_report(args.report, result.stages, {"output": str(output), "frames": result.frames_written,
+                                                 "weights": str(args.weights), "dit_precision": pipe.dit_precision,
+                                                 "k4trt_version": __version__, "settings": settings}, reference)
+        print(f"wrote {args.report}")
+    print(format_table(result.stages, reference))
     return 0

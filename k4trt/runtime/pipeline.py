@@ -6,47 +6,76 @@ The backend only chooses the executor; every other step is this one code path.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from k4trt import config
-from k4trt.errors import K4TRTError
-from k4trt.fsutil import atomic_path
-from k4trt.models.dit import build_rope
+from k4trt.engine.layout import PRECISIONS
+from k4trt.errors import K4TRTError, RequestTypeError, RequestValueError
+from k4trt.fsutil import atomic_file
+from k4trt.models.dit import build_rope, infer_dit_config
+from k4trt.models.files import safetensors_shapes
 from k4trt.models.scheduler import Schedule
-from k4trt.models.text import TextEncoder
+from k4trt.models.text import TextEncoder, t5_weight_files
+from k4trt.models.vae import UNUSED_PREFIXES, VAEConfig
+from k4trt.runtime import memory
 from k4trt.runtime.cuda_graph import CudaGraphRunner
 from k4trt.runtime.executor import Executor
 from k4trt.runtime.report import Recorder
 from k4trt.runtime.sampler import draw_noises, sample
 from k4trt.runtime.vae_schedule import chunk_bounds, decode_chunks
 from k4trt.runtime.video import FrameWriter, check_output_path
+from k4trt.weights.checkpoint import read_dit_state_dict
 from k4trt.weights.layout import WeightsFolder
 
 BACKENDS = ("trt", "torch", "onnxruntime")
+# What the trt and onnxruntime executors pick when no precision is asked for (see their constructors).
+ENGINE_DEFAULT_PRECISION = "default (fp8 where built, else bf16)"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise RequestValueError(f"device {device!r} is not a device ({str(e).splitlines()[0]}); use cuda or cpu"
+                                ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise K4TRTError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
     if device.type not in ("cuda", "cpu"):
-        raise K4TRTError(f"device {device} is not supported; use cuda or cpu")
+        raise RequestValueError(f"device {device} is not supported; use cuda or cpu")
     return device
 
 
+def check_backend(backend: object, dit_precision: object = None) -> None:
+    """The backend and DiT precision asked for exist, and the precision is one that backend can choose."""
+    if backend not in BACKENDS:
+        raise RequestValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if dit_precision is None:
+        return
+    if dit_precision not in PRECISIONS:
+        raise RequestValueError(f"DiT precision {dit_precision!r} is not one of {', '.join(PRECISIONS)}")
+    if backend == "torch":
+        raise RequestValueError("--dit-precision chooses between the DiT graphs of --backend trt or onnxruntime; "
+                                "--backend torch runs the checkpoint itself (float32 on the CPU, bf16 on a GPU)")
+
+
 def make_executor(
-    backend: str, weights: WeightsFolder, engines: Path | None, device: torch.device
+    backend: str, weights: WeightsFolder, engines: Path | None, device: torch.device, dit_precision: str | None = None
 ) -> Executor:
-    """Imports each backend only when chosen, so a machine without TensorRT or ONNX Runtime can still run."""
+    """Imports each backend only when chosen, so a machine without TensorRT or ONNX Runtime can still run.
+    `dit_precision` picks the engines' DiT graph (None: the executor's default)."""
+    check_backend(backend, dit_precision)
     if backend == "torch":
         from k4trt.runtime.torch_executor import TorchExecutor, default_dtype
 
@@ -56,12 +85,47 @@ def make_executor(
     if backend == "onnxruntime":
         from k4trt.runtime.ort_executor import OnnxRuntimeExecutor
 
-        return OnnxRuntimeExecutor(engines, device)
-    if backend == "trt":
-        from k4trt.runtime.trt_executor import TensorRTExecutor
+        return OnnxRuntimeExecutor(engines, device, dit_precision)
+    from k4trt.runtime.trt_executor import TensorRTExecutor
 
-        return TensorRTExecutor(engines, device=device)
-    raise K4TRTError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return TensorRTExecutor(engines, dit_precision, device)
+
+
+def element_bytes(backend: str, device: torch.device) -> int:
+    """Bytes per element the DiT and VAE compute in: torch's dtype for the device, the float32 twins on ONNX
+    Runtime, bf16 in TensorRT engines."""
+    if backend == "torch":
+        from k4trt.runtime.torch_executor import default_dtype
+
+        return default_dtype(device).itemsize
+    return 4 if backend == "onnxruntime" else 2
+
+
+def check_memory_before_loading(
+    weights: WeightsFolder, backend: str, device: torch.device, seconds: int, width: int, height: int, keep_frames: bool
+) -> None:
+    """The memory check of `generate`, made before anything is loaded, counting the weights too. Only headers
+    are read: the DiT checkpoint is memory-mapped, safetensors files are read up to their header."""
+    state = read_dit_state_dict(weights.dit)
+    vae = VAEConfig.from_json(weights.vae / "config.json")
+    vae_shapes = safetensors_shapes(weights.vae / "diffusion_pytorch_model.safetensors")
+    t5_files, _ = t5_weight_files(weights.text_encoder)
+    t5_shapes = [shape for path in t5_files for shape in safetensors_shapes(path).values()]
+    parameters = sum(t.numel() for t in state.values()) + sum(math.prod(shape) for shape in t5_shapes)
+    parameters += sum(math.prod(shape) for name, shape in vae_shapes.items() if not name.startswith(UNUSED_PREFIXES))
+    need = memory.estimate(infer_dit_config(state), vae, seconds, width, height, element_bytes(backend, device),
+                           attention_scores=backend == "onnxruntime", keep_frames=keep_frames, parameters=parameters)
+    memory.check_fits(need, device, width, height, seconds)
+
+
+class Request(NamedTuple):
+    """A request as `check_request` passed it: plain ints and a Path, ready for the model."""
+
+    seed: int | None
+    seconds: int
+    width: int
+    height: int
+    output: Path | None
 
 
 @dataclass
@@ -71,6 +135,7 @@ class Generation:
     frames: torch.Tensor | None  # float32 [F, H, W, 3] in [0, 1], when asked for
     stages: dict[str, float]  # seconds per stage, and total
     path: Path | None
+    frames_written: int | None = None  # frames read back from the finished file at `path`
 
 
 class Pipeline:
@@ -83,11 +148,22 @@ class Pipeline:
         schedule: Schedule,
         released: bool,
         cuda_graph: bool = True,
+        *,
+        vae_config: VAEConfig | None = None,
+        attention_scores: bool = False,
+        dit_precision: str | None = None,
     ) -> None:
+        """`vae_config` and `attention_scores` (whether the executor's attention keeps its scores in memory)
+        feed the memory check of `generate`, which is skipped without a VAE config; `dit_precision` is the
+        precision the engines were asked for (None: the executor's default, or torch's dtype)."""
         self.text_encoder = text_encoder
         self.executor = executor
         self.schedule = schedule
         self.released = released
+        self.vae_config = vae_config
+        self.attention_scores = attention_scores
+        self._dit_precision = dit_precision
+        self._closed = False
         self._timesteps = schedule.timesteps(config.NUM_STEPS)
         self._alphas = schedule.alphas_cumprod_f64.to(executor.device)
         # One graph for the whole 4-step loop and one for a VAE body chunk (every chunk after the first has
@@ -103,25 +179,35 @@ class Pipeline:
         frames, caches_out = self.executor.vae_chunk(z, caches)
         return (frames, *caches_out)
 
+    @property
+    def dit_precision(self) -> str:
+        """The DiT precision, for the user and the report: what the engines were asked for, or torch's dtype."""
+        return self._dit_precision or str(self.executor.dtype).removeprefix("torch.")
+
     @classmethod
     def from_pretrained(
         cls,
-        weights: str | Path,
+        weights: str | os.PathLike[str],
         backend: str = "torch",
         device: str | torch.device | None = None,
-        engines: str | Path | None = None,
+        engines: str | os.PathLike[str] | None = None,
         cuda_graph: bool = True,
+        dit_precision: str | None = None,
     ) -> Pipeline:
-        folder = WeightsFolder(weights)
+        """`dit_precision` ("fp8" or "bf16") picks the DiT graph of the trt and onnxruntime backends."""
+        folder = WeightsFolder(_path("weights", weights))
+        engines_dir = None if engines is None else _path("engines", engines)
+        check_backend(backend, dit_precision)
         folder.require()
         device = resolve_device(device)
         if backend == "trt" and device.type != "cuda":
             raise K4TRTError("--backend trt needs a CUDA GPU; use --backend torch or onnxruntime on the CPU")
-        executor = make_executor(backend, folder, Path(engines) if engines is not None else None, device)
+        executor = make_executor(backend, folder, engines_dir, device, dit_precision)
         text_encoder = TextEncoder.from_pretrained(folder.text_encoder, folder.tokenizer, device, executor.dtype)
         released = executor.dit_config == config.RELEASED_DIT
-        return cls(text_encoder, executor, Schedule.from_config_dir(folder.scheduler), released, cuda_graph)
-
+        return cls(text_encoder, executor, Schedule.from_config_dir(folder.scheduler), released, cuda_graph,
+                   vae_config=VAEConfig.from_json(folder.vae / "config.json"), attention_scores=backend == "onnxruntime",
+                   dit_precision=None if backend == "torch" else dit_precision or ENGINE_DEFAULT_PRECISION)
 
     def generate(
         self,
@@ -136,11 +222,21 @@ class Pipeline:
         progress: bool = True,
         recorder: Recorder | None = None,
     ) -> Generation:
-        """`recorder` marks the stages (the benchmark harness passes its own, to keep the raw marks)."""
-        output = Path(output) if output is not None else None
-        seconds = check_request(prompt, seconds, width, height, output, released=self.released)
-        seed = random.randrange(2**63 - 1) if seed is None else seed
+        """`recorder` marks the stages (the benchmark harness passes its own, to keep the raw marks).
+
+        Every argument is checked before any model work (types, ranges, the output path, the memory the
+        request needs); latents that are not finite (damaged DiT weights, an overflow) stop the run before
+        anything is written."""
+        if self._closed:
+            raise K4TRTError("this Pipeline was closed; load a new one with Pipeline.from_pretrained")
+        request = check_request(prompt, seconds, width, height, output, released=self.released, seed=seed)
+        seconds, width, height, output = request.seconds, request.width, request.height, request.output
+        seed = random.randrange(2**63 - 1) if request.seed is None else request.seed
         ex = self.executor
+        if self.vae_config is not None:
+            need = memory.estimate(ex.dit_config, self.vae_config, seconds, width, height, ex.dtype.itemsize,
+                                   attention_scores=self.attention_scores, keep_frames=keep_frames)
+            memory.check_fits(need, ex.device, width, height, seconds)
         clock = recorder or Recorder(ex.device)
         latent_t = config.latent_frames(seconds)
         shape = (latent_t, height // config.VAE_SPATIAL_FACTOR, width // config.VAE_SPATIAL_FACTOR, config.LATENT_CHANNELS)
@@ -162,6 +258,10 @@ class Pipeline:
             else:
                 self._on_step = lambda step: (clock.lap(f"dit step {step + 1}"), steps.update())
                 latents = self._loop(text, rope, *noises)
+        # One reduction over the final latents is the cheapest place that catches, for every backend, non-finite
+        # DiT or T5 weights (any one reaches every latent through attention) and an engine's overflow.
+        _require_finite(latents, "the DiT produced NaN or infinite latents", "or the DiT engine overflowed (build "
+                        "it with --precision bf16)")
 
         frames: list[torch.Tensor] = []
         chunks = tqdm(total=len(chunk_bounds(latent_t)), desc="VAE", unit="chunk", disable=not progress)
@@ -169,21 +269,28 @@ class Pipeline:
             for pixels in decode_chunks(ex, latents, self._vae_body):
                 clock.lap("vae decode")
                 chunks.update()
+                _require_finite(pixels, "the VAE decoded NaN or infinite pixels")
                 if keep_frames:
                     frames.append(pixels.cpu())
                 if writer is not None:
                     writer.write(pixels)
                     clock.lap("video encode")
+        if writer is not None:
+            clock.lap("video encode")  # ffmpeg finishing the file and the frame count read back
         return Generation(
             seed=seed,
             latents=latents.cpu(),
             frames=torch.cat(frames) if keep_frames else None,
             stages=clock.stages(),
             path=output,
+            frames_written=writer.frames_written if writer is not None else None,
         )
 
     def close(self) -> None:
-        """Release the captured graphs and the executor's device memory."""
+        """Release the captured graphs and the executor's device memory; closing twice does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._loop.reset()
         self._vae_body.reset()
         self.executor.close()
@@ -202,17 +309,56 @@ class Pipeline:
 
 
 def check_request(
-    prompt: str, seconds: object, width: int, height: int, output: Path | None, *, released: bool
-) -> int:
-    """Every check that needs no model work, so bad input fails before anything runs or is written; returns
-    the duration as whole seconds. The CLI calls it before loading anything, `generate` on every call."""
-    if not prompt or not prompt.strip():
-        raise K4TRTError("the prompt is empty; describe the video to generate")
+    prompt: object,
+    seconds: object,
+    width: object,
+    height: object,
+    output: object,
+    *,
+    released: bool,
+    seed: object = None,
+) -> Request:
+    """Every check that needs no model work, so bad input fails before anything runs or is written. The CLI
+    calls it before loading anything, `generate` on every call. Wrong types raise `RequestTypeError`, values
+    out of range `RequestValueError` (both are K4TRTErrors, so the CLI prints one line)."""
+    check_prompt(prompt)
     seconds = config.check_duration(seconds)
-    config.check_size(width, height, released=released)
+    width, height = config.check_size(width, height, released=released)
     if output is not None:
+        output = _path("output", output)
         check_output_path(output, single_frame=seconds == 0)
-    return seconds
+    return Request(None if seed is None else config.check_seed(seed), seconds, width, height, output)
+
+
+def check_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise RequestTypeError(f"the prompt must be a str, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise RequestValueError("the prompt is empty; describe the video to generate")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # Python hands undecodable command-line bytes over as lone surrogates U+DC80..U+DCFF, one per byte.
+        code = ord(prompt[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise RequestValueError(f"the prompt is not valid UTF-8 text ({what} at character {e.start + 1}); "
+                                "pass it in UTF-8") from None
+    return prompt
+
+
+def _path(what: str, value: object) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise RequestTypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__} {value!r}")
+    if not str(os.fspath(value)).strip():
+        raise RequestValueError(f"{what} is an empty path; name a file or folder")
+    return Path(value)
+
+
+def _require_finite(tensor: torch.Tensor, what: str, or_else: str = "") -> None:
+    """Refuse what would decode to a blank video (NaN pixels become black) before anything is written."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise K4TRTError(f"{what}, so the video would be blank; a weight file is damaged (find it with "
+                         f"`k4trt weights verify DIR`){' ' + or_else if or_else else ''}")
 
 
 def _writer(output: Path | None, width: int, height: int) -> contextlib.AbstractContextManager[FrameWriter | None]:
@@ -221,5 +367,5 @@ def _writer(output: Path | None, width: int, height: int) -> contextlib.Abstract
 
 def save_array(path: Path, array: torch.Tensor) -> None:
     """`--save-latents` / `--save-frames`: float32 .npy, written atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.save(f, array.float().numpy())
