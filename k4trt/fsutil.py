@@ -67,10 +67,10 @@ def check_writable_dir(folder: Path, what: str) -> None:
 def check_output_file(path: Path, what: str) -> None:
     """Fail early if `path` cannot become a file: it is an existing folder (or a link to one), its folder is
     missing or read-only, or its name is longer than the filesystem allows."""
+    check_name_length(path, what)
     if path.is_dir():
         raise K4TRTError(f"{what}: {path} is an existing folder; name a file (k4trt never replaces a folder)")
     check_writable_dir(path.parent.resolve(), what)
-    check_name_length(path, what)
 
 
 def check_name_length(path: Path, what: str) -> None:

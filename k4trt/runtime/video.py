@@ -15,6 +15,7 @@ counter come from imageio-ffmpeg.
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from k4trt.config import FPS
-from k4trt.errors import K4TRTError, first_line
+from k4trt.errors import K4TRTError, RequestValueError, first_line
 from k4trt.fsutil import atomic_path, check_output_file, write_failed
 
 SUFFIXES = (".mp4", ".png")
@@ -35,9 +36,9 @@ _KILL_WAIT_S = 10
 def check_output_path(path: Path, single_frame: bool) -> None:
     """Refuse a bad output path before any model work starts."""
     if path.suffix.lower() not in SUFFIXES:
-        raise K4TRTError(f"output {path}: use a .mp4 file for a video or a .png file for an image")
+        raise RequestValueError(f"output {path}: use a .mp4 file for a video or a .png file for an image")
     if path.suffix.lower() == ".png" and not single_frame:
-        raise K4TRTError(f"output {path}: a PNG holds one frame; use .mp4, or --duration 0 for an image")
+        raise RequestValueError(f"output {path}: a PNG holds one frame; use .mp4, or --duration 0 for an image")
     check_output_file(path, f"output {path}")
 
 
@@ -142,7 +143,9 @@ class FrameWriter(contextlib.AbstractContextManager["FrameWriter"]):
         """ffmpeg's own last message, which names the cause (e.g. "No space left on device")."""
         assert self._log is not None
         self._log.seek(0)
-        lines = [line.strip() for line in self._log.read().decode(errors="replace").splitlines() if line.strip()]
+        # ffmpeg prefixes lines with the component, e.g. "[vf#0:0 @ 0x55a3...]"; the rest is the message
+        text = self._log.read().decode(errors="replace")
+        lines = [re.sub(r"^\[[^]]*\]\s*", "", line.strip()) for line in text.splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if "No space left" in line), lines[-1] if lines else what)
         fix = "free some space or choose another folder" if "No space left" in reason else "check the disk and run again"
         return K4TRTError(f"could not write {self.path} ({what}: {reason}); {fix}; nothing was written under that name")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def make_tiny(dest: Path | str, seed: int = 0) -> WeightsFolder:
         instead = tiny_folder_for(dest)
         fix = f"`k4trt weights make-tiny {instead}`" if not instead.exists() else "choose a new folder"
         raise K4TRTError(f"{dest} already exists and is not an empty folder; make-tiny writes a new folder: {fix}")
+    if dest.is_dir() and os.path.ismount(dest):
+        raise K4TRTError(f"{dest} is a mount point, which cannot be replaced by the finished folder; make the tiny "
+                         f"model inside it: `k4trt weights make-tiny {dest / 'tiny-weights'}`")
     check_name_length(dest, "make-tiny")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
