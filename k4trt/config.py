@@ -96,9 +96,10 @@ def check_duration(seconds: object) -> int:
         raise RequestTypeError(f"duration {seconds!r} must be a whole number of seconds from 0 to {MAX_SECONDS}")
     if isinstance(seconds, float):  # fractional, nan or infinite
         raise RequestValueError(f"duration {seconds!r} must be a whole number of seconds from 0 to {MAX_SECONDS}")
+    seconds = int(seconds)
     if not 0 <= seconds <= MAX_SECONDS:
         raise RequestValueError(f"duration {seconds} s is outside 0–{MAX_SECONDS} s (0 makes a single image)")
-    return int(seconds)
+    return seconds
 
 
 def check_seed(seed: object) -> int:

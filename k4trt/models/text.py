@@ -57,13 +57,12 @@ class TextEncoder:
                 raise K4TRTError(f"{what} folder {folder} does not exist; fill the weights folder with "
                                  "`k4trt weights download DIR`")
         tokenizer = load_tokenizer(tokenizer_dir)
-        problems = text_encoder_problems(text_encoder_dir)
-        if problems:
-            raise K4TRTError(f"the text encoder in {text_encoder_dir} does not match its config.json: "
-                             f"{'; '.join(problems)}; use the config.json that came with these weights, or {_REFETCH}")
+        check_text_encoder(text_encoder_dir)
         try:
             with quiet_transformers():
-                model, info = T5EncoderModel.from_pretrained(str(text_encoder_dir), dtype=dtype, output_loading_info=True)
+                # With output_loading_info, from_pretrained returns (model, info); its annotation says model only.
+                model, info = T5EncoderModel.from_pretrained(  # pyright: ignore[reportGeneralTypeIssues]
+                    str(text_encoder_dir), dtype=dtype, output_loading_info=True)
         except Exception as e:
             raise K4TRTError(
                 f"could not load the text encoder from {text_encoder_dir} ({first_line(e)}); {_REFETCH}"
@@ -150,6 +149,14 @@ def t5_weight_files(text_encoder_dir: Path) -> tuple[list[Path], dict[str, str] 
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise K4TRTError(f"{index} is not a valid shard index ({first_line(e)}); {_REFETCH}") from None
     return [text_encoder_dir / name for name in sorted(set(weight_map.values()))], weight_map
+
+
+def check_text_encoder(text_encoder_dir: Path) -> None:
+    """A K4TRTError listing `text_encoder_problems`, if there are any."""
+    problems = text_encoder_problems(text_encoder_dir)
+    if problems:
+        raise K4TRTError(f"the text encoder in {text_encoder_dir} does not fit together: {'; '.join(problems)}; "
+                         f"use the config.json, index and weights of one download, or {_REFETCH}")
 
 
 def text_encoder_problems(text_encoder_dir: Path) -> list[str]:

@@ -47,9 +47,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise RequestValueError(f"device {device!r} is not a device ({str(e).splitlines()[0]}); use cuda or cpu"
-                                ) from None
+    except (RuntimeError, TypeError):
+        raise RequestValueError(f"device {device!r} is not a device name; use cuda or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise K4TRTError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
     if device.type not in ("cuda", "cpu"):

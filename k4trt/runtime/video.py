@@ -171,4 +171,4 @@ def _count_frames(path: Path, shown: Path) -> int:
     except (RuntimeError, OSError) as e:
         raise K4TRTError(f"could not read back the encoded {shown} ({first_line(e)}); check the disk, then run again"
                          ) from None
-    return frames
+    return frames or 0

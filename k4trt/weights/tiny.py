@@ -50,6 +50,7 @@ def make_tiny(dest: Path | str, seed: int = 0) -> WeightsFolder:
     any seed a torch.Generator takes (0 to 2**64-1)."""
     dest = Path(dest)
     seed = check_seed(seed)
+    check_name_length(dest, "make-tiny")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         instead = tiny_folder_for(dest)
         fix = f"`k4trt weights make-tiny {instead}`" if not instead.exists() else "choose a new folder"
@@ -57,7 +58,6 @@ def make_tiny(dest: Path | str, seed: int = 0) -> WeightsFolder:
     if dest.is_dir() and os.path.ismount(dest):
         raise K4TRTError(f"{dest} is a mount point, which cannot be replaced by the finished folder; make the tiny "
                          f"model inside it: `k4trt weights make-tiny {dest / 'tiny-weights'}`")
-    check_name_length(dest, "make-tiny")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

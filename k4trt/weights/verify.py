@@ -171,12 +171,9 @@ def _vae(folder: WeightsFolder) -> str:
 def _text_encoder(folder: WeightsFolder) -> str:
     from safetensors import SafetensorError, safe_open
 
-    from k4trt.models.text import t5_weight_files, text_encoder_problems
+    from k4trt.models.text import check_text_encoder, t5_weight_files
 
-    problems = text_encoder_problems(folder.text_encoder)
-    if problems:
-        raise K4TRTError(f"the text encoder in {folder.text_encoder} does not match its config.json: "
-                         f"{'; '.join(problems)}")
+    check_text_encoder(folder.text_encoder)
     files, _ = t5_weight_files(folder.text_encoder)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
