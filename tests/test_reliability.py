@@ -58,26 +58,44 @@ def partials(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*.partial"))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """Mount tmpfs file systems of a given size under tmp_path; unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs (a real full disk) needs root")
-    mounted: list[Path] = []
+def _as_root() -> list[str]:
+    """How to run mount: directly as root, else through password-less sudo (CI runners), else not at all."""
+    if os.geteuid() == 0:
+        return []
+    if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        return ["sudo", "-n"]
+    pytest.skip("mounting a small tmpfs (a real full disk) needs root or password-less sudo")
 
-    def mount(name: str, size: str) -> Path:
-        where = tmp_path / name
+
+class SmallDisks:
+    """Real small file systems: tmpfs mounts under one folder, writable by this user, all unmounted by `close`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.root, self.mounted = folder, _as_root(), []
+
+    def mount(self, name: str, size: str) -> Path:
+        where = self.folder / name
         where.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                                capture_output=True, text=True)
+        result = subprocess.run([*self.root, "mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs",
+                                 str(where)], capture_output=True, text=True)
         if result.returncode != 0:
             pytest.skip(f"mounting a tmpfs is not permitted here ({result.stderr.strip()})")
-        mounted.append(where)
+        self.mounted.append(where)
         return where
 
-    yield mount
-    for where in reversed(mounted):
-        subprocess.run(["umount", "-l", str(where)], check=False)
+    def readonly(self, where: Path) -> None:
+        subprocess.run([*self.root, "mount", "-o", "remount,ro", str(where)], check=True)
+
+    def close(self) -> None:
+        for where in reversed(self.mounted):
+            subprocess.run([*self.root, "umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_disks(tmp_path):
+    disks = SmallDisks(tmp_path)
+    yield disks
+    disks.close()
 
 
 def fill(disk: Path, leave: int = 0) -> None:
@@ -127,10 +145,10 @@ def test_existing_folders_are_refused_and_never_removed(tiny_weights, tmp_path, 
 # 2. failed writes: full disk, short write, read-only -------------------------------------------------
 
 
-def test_failed_writes_keep_the_previous_file(tiny_weights, tmp_path, capsys, small_disk, monkeypatch):
+def test_failed_writes_keep_the_previous_file(tiny_weights, tmp_path, capsys, small_disks, monkeypatch):
     """On a real full (or nearly full) disk every output fails with one line and a non-zero exit, the
     previous file is unchanged and no temporary is left; a read-only disk is refused before any work."""
-    disk = small_disk("disk", "400k")
+    disk = small_disks.mount("disk", "400k")
     (disk / "v.mp4").write_bytes(PREVIOUS)
     (disk / "i.png").write_bytes(PREVIOUS)
     (disk / "f.npy").write_bytes(PREVIOUS)
@@ -151,8 +169,8 @@ def test_failed_writes_keep_the_previous_file(tiny_weights, tmp_path, capsys, sm
         assert (disk / name).read_bytes() == PREVIOUS, name
     assert not (disk / "r.json").exists() and not partials(disk)
 
-    readonly = small_disk("ro", "1m")
-    subprocess.run(["mount", "-o", "remount,ro", str(readonly)], check=True)
+    readonly = small_disks.mount("ro", "1m")
+    small_disks.readonly(readonly)
     for args, message in ((["run", "a fox", "--weights", tiny_weights, *SMALL, "-o", readonly / "v.mp4"], "not writable"),
                           (["weights", "make-tiny", readonly / "tiny"], "not writable"),
                           (["weights", "make-tiny", readonly], "is a mount point")):
