@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-from k4trt.errors import K4TRTError, RequestTypeError, RequestValueError
+from k4trt.errors import RequestTypeError, RequestValueError
 
 FPS = 8
 MAX_SECONDS = 12

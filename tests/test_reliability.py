@@ -164,7 +164,7 @@ def test_failed_writes_keep_the_previous_file(tiny_weights, tmp_path, capsys, sm
     code, out, err = k4trt(["run", "a fox", "--weights", tiny_weights, *SMALL, "-o", "ok.mp4", "--save-frames",
                             disk / "f.npy", "--report", disk / "r.json"], capsys)
     assert code == 2 and one_line_error(err) and "f.npy" in err and "No space left" in err
-    assert decoded_frames(tmp_path / "ok.mp4") == 9 and f"wrote ok.mp4 (9 frames" in out  # the video was whole
+    assert decoded_frames(tmp_path / "ok.mp4") == 9 and "wrote ok.mp4 (9 frames" in out  # the video was whole
     for name in ("v.mp4", "i.png", "f.npy"):
         assert (disk / name).read_bytes() == PREVIOUS, name
     assert not (disk / "r.json").exists() and not partials(disk)
