@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
-from k4trt.errors import K4TRTError
+from k4trt.errors import RequestTypeError, RequestValueError
 
 FPS = 8
 MAX_SECONDS = 12
@@ -25,10 +26,17 @@ TRAINED_SIZES: tuple[tuple[int, int], ...] = (
     (480, 544),
 )
 SIZE_MULTIPLE = 16  # VAE /8 then DiT patch /2
+#: what the DiT's engines compute their GEMMs in (the VAE's are always bf16); here, not in the graph registry,
+#: so the command line can offer them without importing torch
+PRECISIONS = ("fp8", "bf16")
 # The case every default, the performance budget and the original's 11 s are stated for.
 DEFAULT_SIZE = (672, 384)  # width, height
 DEFAULT_SECONDS = MAX_SECONDS
-MAX_SEED = 2**63 - 1  # seeds travel as int64 (SQLite, NumPy); torch's generator takes every one of them
+# Seeds are 0 to 2**63-1: every one a torch.Generator takes without wrapping, and every one that travels as a
+# signed 64-bit integer (the serving job store's SQLite, NumPy, most JSON readers). Negative seeds are refused
+# rather than given a meaning, because torch folds -1 onto 2**64-1 and a seed printed as -1 would not say
+# which video it made.
+SEED_RANGE = range(2**63)
 
 
 @dataclass(frozen=True)
@@ -78,33 +86,49 @@ def video_frames(latent_t: int) -> int:
 def parse_size(text: str) -> tuple[int, int]:
     """'672x384' -> (672, 384) as (width, height)."""
     parts = text.lower().replace("×", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise K4TRTError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 672x384")
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
+        raise RequestValueError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 672x384")
     return int(parts[0]), int(parts[1])
 
 
-def check_size(width: int, height: int, released: bool) -> None:
-    """The released checkpoint only knows its seven trained sizes; other checkpoints need multiples of 16."""
+def check_size(width: object, height: object, released: bool) -> tuple[int, int]:
+    """The released checkpoint only knows its seven trained sizes; other checkpoints need multiples of 16.
+    Returns (width, height) as ints (a numpy integer is accepted; a float or a string is not)."""
+    width, height = _whole("width", width), _whole("height", height)
     if released:
         if (width, height) not in TRAINED_SIZES:
             listed = ", ".join(f"{w}x{h}" for w, h in TRAINED_SIZES)
-            raise K4TRTError(f"size {width}x{height} is not one the model was trained on; use one of {listed}")
+            raise RequestValueError(f"size {width}x{height} is not one the model was trained on; use one of {listed}")
     elif width <= 0 or height <= 0 or width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
-        raise K4TRTError(f"size {width}x{height}: width and height must be positive multiples of {SIZE_MULTIPLE}")
+        raise RequestValueError(
+            f"size {width}x{height}: width and height must be positive multiples of {SIZE_MULTIPLE}")
+    return width, height
 
 
 def check_duration(seconds: object) -> int:
-    if isinstance(seconds, bool) or not isinstance(seconds, int):
-        if isinstance(seconds, float) and seconds.is_integer():
-            seconds = int(seconds)
-        else:
-            raise K4TRTError(f"duration {seconds!r} must be a whole number of seconds from 0 to {MAX_SECONDS}")
+    if isinstance(seconds, float) and seconds.is_integer():
+        seconds = int(seconds)
+    if isinstance(seconds, bool) or not isinstance(seconds, (numbers.Integral, float)):
+        raise RequestTypeError(f"duration {seconds!r} must be a whole number of seconds from 0 to {MAX_SECONDS}")
+    if isinstance(seconds, float):  # fractional, nan or infinite
+        raise RequestValueError(f"duration {seconds!r} must be a whole number of seconds from 0 to {MAX_SECONDS}")
+    seconds = int(seconds)
     if not 0 <= seconds <= MAX_SECONDS:
-        raise K4TRTError(f"duration {seconds} s is outside 0–{MAX_SECONDS} s (0 makes a single image)")
+        raise RequestValueError(f"duration {seconds} s is outside 0–{MAX_SECONDS} s (0 makes a single image)")
     return seconds
 
 
 def check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise K4TRTError(f"seed {seed!r} must be a whole number from 0 to {MAX_SEED}")
+    """A seed as an int in SEED_RANGE (see there why negative seeds are refused)."""
+    seed = _whole("seed", seed)
+    if seed not in SEED_RANGE:
+        raise RequestValueError(f"seed {seed} is outside 0 to 2**63-1 ({SEED_RANGE.stop - 1}); "
+                                "leave it out for a random one")
     return seed
+
+
+def _whole(name: str, value: object) -> int:
+    """Python and numpy integers pass; bools, floats (64.0 included) and strings are a caller's mistake."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RequestTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)

@@ -35,9 +35,11 @@ RANK = {name: rank for rank, names in enumerate(STAGES) for name in names}
 
 
 def _stage(module: str) -> str:
-    """`k4trt.core.graphs` -> `core`; `k4trt` (the package itself) -> `__init__`."""
+    """`k4trt.core.graphs` -> `core`; `k4trt` itself, or a name it defines (`k4trt.__version__`) -> `__init__`."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "__init__"
+    if len(parts) == 1 or not ((PACKAGE / parts[1]).is_dir() or (PACKAGE / f"{parts[1]}.py").is_file()):
+        return "__init__"
+    return parts[1]
 
 
 def _imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:

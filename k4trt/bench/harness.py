@@ -119,7 +119,7 @@ def _not_measured(error: Exception) -> dict:
     if isinstance(error, (Unavailable, K4TRTError)):
         return {"status": "skipped", "reason": str(error)}
     traceback.print_exception(error, file=sys.stderr)
-    return {"status": "failed", "error": first_line(error, with_type=True)}
+    return {"status": "failed", "error": first_line(error)}
 
 
 def stage_summary(samples: dict[str, list[float]]) -> dict[str, dict]:

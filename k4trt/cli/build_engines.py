@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from k4trt import config
 from k4trt.cli.errors import run_cli
-from k4trt.core.graphs import PRECISIONS
 from k4trt.errors import K4TRTError
 
 if TYPE_CHECKING:
@@ -54,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights folder in the original's layout (default: ./weights)")
     p.add_argument("--out", type=Path, default=Path("engines"), metavar="DIR",
                    help="engines folder, created if missing (default: ./engines)")
-    p.add_argument("--precision", choices=PRECISIONS,
+    p.add_argument("--precision", choices=config.PRECISIONS,
                    help="DiT precision: fp8 (FP8 GEMMs, calibrated; fastest; needs compute capability 8.9+, "
                    "Ada/Hopper) or bf16 (the original's); the VAE is always bf16 (default: fp8 where the GPU has "
                    "FP8 tensor cores, else bf16, saying so)")

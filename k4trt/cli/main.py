@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from k4trt import __version__
 from k4trt.cli import bench as bench_cmd
 from k4trt.cli import doctor as doctor_cmd
 from k4trt.cli import run as run_cmd
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="k4trt",
         description="Kandinsky 4.0 T2V Flash on TensorRT (or PyTorch / ONNX Runtime): prompt -> video.",
     )
+    parser.add_argument("--version", action="version", version=f"k4trt {__version__}")
     sub = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
     run_cmd.add_parser(sub)
     weights_cmd.add_parser(sub)

@@ -103,7 +103,7 @@ def _default_device() -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from k4trt.runtime.pipeline import model_dit_config
+    from k4trt.runtime.pipeline import model_facts
     from k4trt.serve import require_extra
 
     started = time.perf_counter()
@@ -112,7 +112,7 @@ def serve(args: argparse.Namespace) -> int:
         raise K4TRTError(f"--replicas {args.replicas}: serve with at least one replica")
     token = _token(args.token_env)
     # Also checks the weights folder (or the engines' manifest) before anything starts.
-    released = config.is_released(model_dit_config(args.weights, args.backend, args.engines))
+    released = config.is_released(model_facts(args.weights, args.backend, args.engines).dit_config)
     device = args.device or _default_device()
     store = args.store.resolve()
     if store.exists() and not store.is_dir():

@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 import torch
 
 from k4trt import config
-from k4trt.config import TEXT_TOKENS, DiTConfig
+from k4trt.config import PRECISIONS, TEXT_TOKENS, DiTConfig
 from k4trt.core.profiles import ShapeRange, derive_ranges
 from k4trt.core.vae_schedule import CHUNK, FIRST_CHUNK
 from k4trt.errors import K4TRTError
 from k4trt.models.vae import VAEConfig, VAEDecoder
 
-PRECISIONS = ("fp8", "bf16")
 DIT = "dit"
 #: latent frames per chunk of each VAE graph; the first chunk of a video holds the odd remainder
 VAE_ROLES = {"image": 1, "head": FIRST_CHUNK, "body": CHUNK}

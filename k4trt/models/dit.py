@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from k4trt.config import RELEASED_DIT, DiTConfig
-from k4trt.errors import K4TRTError
+from k4trt.errors import K4TRTError, listed
 
 MAX_PERIOD = 10000.0
 
@@ -309,18 +309,13 @@ class DiT(nn.Module):
         cfg = infer_dit_config(state_dict, axes_dims)
         with torch.device("meta"):
             model = cls(cfg)
-        _check_keys(model.state_dict(), state_dict)
+        check_keys(model.state_dict(), state_dict)
         cast = {key: value.to(device=device, dtype=dtype) for key, value in state_dict.items()}
         model.load_state_dict(cast, strict=True, assign=True)
         return model.requires_grad_(False).eval()
 
 
-def _listed(items: list[str], limit: int = 3) -> str:
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-def _check_keys(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> None:
+def check_keys(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> None:
     missing = sorted(expected.keys() - given.keys())
     unexpected = sorted(given.keys() - expected.keys())
     mismatched = sorted(
@@ -329,7 +324,7 @@ def _check_keys(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> 
         if given[key].shape != expected[key].shape
     )
     problems = [
-        f"{label} {_listed(items)}"
+        f"{label} {listed(items)}"
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
         if items
     ]
@@ -360,13 +355,13 @@ def infer_dit_config(
     missing = [key for key in _SHAPE_KEYS.values() if key not in state_dict]
     if missing:
         raise K4TRTError(
-            f"DiT checkpoint lacks {_listed(missing)}; this is not a Kandinsky 4 DiT state dict "
+            f"DiT checkpoint lacks {listed(missing)}; this is not a Kandinsky 4 DiT state dict "
             "(expected kandinsky4_distil_512.pt)"
         )
     shape = {name: tuple(state_dict[key].shape) for name, key in _SHAPE_KEYS.items()}
     bad = [_SHAPE_KEYS[name] for name, dims in shape.items() if len(dims) != (1 if name == "head" else 2)]
     if bad:
-        raise K4TRTError(f"DiT checkpoint has weights of the wrong rank ({_listed(bad)}); the file is damaged")
+        raise K4TRTError(f"DiT checkpoint has weights of the wrong rank ({listed(bad)}); the file is damaged")
 
     time_dim, model_dim = shape["time"]
     (head_dim,) = shape["head"]

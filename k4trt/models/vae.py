@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from k4trt.errors import K4TRTError
+from k4trt.errors import K4TRTError, listed
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -31,7 +31,7 @@ DOWN_BLOCK = "CogVideoXDownBlock3D"
 # reaches the encoder).
 SPATIAL_NORM_EPS = 1e-6
 # Keys of the full autoencoder the decoder does not use; anything else unknown is an error.
-_UNUSED_PREFIXES = ("encoder.", "quant_conv.")
+UNUSED_PREFIXES = ("encoder.", "quant_conv.")
 
 
 @dataclass(frozen=True)
@@ -353,7 +353,7 @@ class VAEDecoder(nn.Module):
         expected = model.state_dict()
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
-                keys = [k for k in f.keys() if not k.startswith(_UNUSED_PREFIXES)]
+                keys = [k for k in f.keys() if not k.startswith(UNUSED_PREFIXES)]
                 _check_keys(path, expected.keys(), keys)
                 tensors = {k: f.get_tensor(k) for k in keys}
         except (SafetensorError, OSError) as e:
@@ -365,7 +365,7 @@ class VAEDecoder(nn.Module):
         ]
         if wrong:
             raise K4TRTError(
-                f"{path} does not fit its config.json: wrong shapes for {_few(wrong)}; "
+                f"{path} does not fit its config.json: wrong shapes for {listed(wrong)}; "
                 "use the config.json that came with these weights"
             )
         model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
@@ -375,16 +375,10 @@ class VAEDecoder(nn.Module):
 def _check_keys(path: Path, expected: Iterable[str], found: Iterable[str]) -> None:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    problems = [f"missing {_few(missing)}"] if missing else []
-    problems += [f"unexpected {_few(unexpected)}"] if unexpected else []
+    problems = [f"missing {listed(missing)}"] if missing else []
+    problems += [f"unexpected {listed(unexpected)}"] if unexpected else []
     if problems:
         raise K4TRTError(
             f"{path} is not the decoder its config.json describes ({'; '.join(problems)}); "
             "use the config.json and weights of the same CogVideoX VAE"
         )
-
-
-def _few(items: Sequence[str], shown: int = 3) -> str:
-    """The first few names, and how many more, so a message stays one readable line."""
-    more = f" and {len(items) - shown} more" if len(items) > shown else ""
-    return ", ".join(items[:shown]) + more

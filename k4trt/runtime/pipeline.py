@@ -10,10 +10,13 @@ and writes.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,18 +25,21 @@ from tqdm.auto import tqdm
 from k4trt import config
 from k4trt.config import TEXT_TOKENS, DiTConfig
 from k4trt.core.executor import Executor
+from k4trt.core.manifest import ModelFacts
 from k4trt.core.sampler import draw_noises, sample
 from k4trt.core.vae_schedule import chunk_bounds, decode_chunks
-from k4trt.errors import K4TRTError
-from k4trt.fsutil import atomic_path
-from k4trt.models.dit import build_rope
+from k4trt.errors import K4TRTError, RequestTypeError, RequestValueError
+from k4trt.fsutil import atomic_file
+from k4trt.models.dit import DiT, build_rope
+from k4trt.models.files import safetensors_shapes
 from k4trt.models.scheduler import Schedule
-from k4trt.models.text import TextEncoder
+from k4trt.models.text import TextEncoder, t5_weight_files
+from k4trt.models.vae import VAEConfig, VAEDecoder
 from k4trt.parallel import world as parallel
 from k4trt.parallel.degree import check_degree
 from k4trt.parallel.exchange import ProcessGroupExchange
 from k4trt.parallel.executor import SequenceParallelExecutor
-from k4trt.runtime import BACKENDS
+from k4trt.runtime import BACKENDS, memory
 from k4trt.runtime.cuda_graph import CudaGraphRunner
 from k4trt.runtime.report import Recorder
 from k4trt.runtime.video import FrameWriter, check_output_path
@@ -43,12 +49,28 @@ from k4trt.weights.layout import WeightsFolder
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RequestValueError(f"device {device!r} is not a device name; use cuda or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise K4TRTError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
     if device.type not in ("cuda", "cpu"):
-        raise K4TRTError(f"device {device} is not supported; use cuda or cpu")
+        raise RequestValueError(f"device {device} is not supported; use cuda or cpu")
     return device
+
+
+def check_backend(backend: object, dit_precision: object = None) -> None:
+    """The backend and DiT precision asked for exist, and the precision is one that backend can choose."""
+    if backend not in BACKENDS:
+        raise RequestValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if dit_precision is None:
+        return
+    if dit_precision not in config.PRECISIONS:
+        raise RequestValueError(f"DiT precision {dit_precision!r} is not one of {', '.join(config.PRECISIONS)}")
+    if backend == "torch":
+        raise RequestValueError("--dit-precision chooses between the DiT graphs of --backend trt or onnxruntime; "
+                                "--backend torch runs the checkpoint itself (float32 on the CPU, bf16 on a GPU)")
 
 
 def make_executor(
@@ -58,16 +80,12 @@ def make_executor(
     """Imports each backend only when chosen, so a machine without TensorRT or ONNX Runtime can still run.
     `dit_precision` chooses among the DiT graphs of an engines folder (default: fp8 where built). With `world`,
     the executor of this rank of a sequence-parallel run."""
-    if backend not in BACKENDS:
-        raise K4TRTError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend, dit_precision)
     exchange = ProcessGroupExchange(world.size, device) if world is not None else None
     if backend == "torch":
         from k4trt.core.executor import default_dtype
         from k4trt.runtime.torch_executor import TorchExecutor
 
-        if dit_precision is not None:
-            raise K4TRTError("a DiT precision applies to engines (--backend trt or onnxruntime); --backend torch "
-                             "runs bf16 on a GPU and float32 on the CPU")
         executor: Executor = TorchExecutor.from_weights(weights, device, default_dtype(device), exchange)
     else:
         engines = _require_engines(backend, engines)
@@ -84,24 +102,60 @@ def make_executor(
     return SequenceParallelExecutor(executor, world, exchange)
 
 
-def model_dit_config(weights: Path, backend: str, engines: Path | None) -> DiTConfig:
-    """The DiT a run would use, known before anything loads: from the engines' manifest for the engine
-    backends (which never open the checkpoint), else from the checkpoint's tensor shapes (memory-mapped)."""
+def model_facts(weights: Path, backend: str, engines: Path | None) -> ModelFacts:
+    """The DiT and VAE a run would use, known before anything loads: from the engines' manifest for the engine
+    backends (which never open the checkpoint), else from the checkpoint's tensor shapes (memory-mapped) and
+    the VAE's config.json."""
     if backend != "torch":
         from k4trt.runtime.engines_folder import open_engines
 
         engines = _require_engines(backend, engines)
-        return open_engines(engines, None, "engines").require_model(engines).dit_config
+        return open_engines(engines, None, "engines").require_model(engines)
     from k4trt.models.dit import infer_dit_config
+    from k4trt.models.vae import CONFIG_NAME, VAEConfig
     from k4trt.weights.checkpoint import read_dit_state_dict
 
-    return infer_dit_config(read_dit_state_dict(WeightsFolder(weights).require().dit))
+    folder = WeightsFolder(weights).require()
+    return ModelFacts(infer_dit_config(read_dit_state_dict(folder.dit)), VAEConfig.from_json(folder.vae / CONFIG_NAME))
+
+
+def element_bytes(backend: str, device: torch.device) -> int:
+    """Bytes per element the DiT and VAE compute in: torch's dtype for the device, the float32 twins on ONNX
+    Runtime, bf16 in TensorRT engines."""
+    if backend == "torch":
+        from k4trt.core.executor import default_dtype
+
+        return default_dtype(device).itemsize
+    return 4 if backend == "onnxruntime" else 2
+
+
+def check_memory_before_loading(weights: WeightsFolder, model: ModelFacts, backend: str, device: torch.device,
+                                seconds: int, width: int, height: int, keep_frames: bool) -> None:
+    """The memory check of `generate`, made before anything is loaded, counting the weights too: the DiT's and
+    the VAE's from their configs (a weightless model on the meta device), T5's from its files' headers."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for m in (DiT(model.dit_config), VAEDecoder(model.vae_config)) for p in m.parameters())
+    t5_files, _ = t5_weight_files(weights.text_encoder)
+    parameters += sum(math.prod(shape) for path in t5_files for shape in safetensors_shapes(path).values())
+    need = memory.estimate(model.dit_config, model.vae_config, seconds, width, height, element_bytes(backend, device),
+                           attention_scores=backend == "onnxruntime", keep_frames=keep_frames, parameters=parameters)
+    memory.check_fits(need, device, width, height, seconds)
 
 
 def _require_engines(backend: str, engines: Path | None) -> Path:
     if engines is None:
         raise K4TRTError(f"--backend {backend} needs --engines DIR; build it with: build-engines --out DIR")
     return engines
+
+
+class Request(NamedTuple):
+    """A request as `check_request` passed it: plain ints and a Path, ready for the model."""
+
+    seed: int | None
+    seconds: int
+    width: int
+    height: int
+    output: Path | None
 
 
 @dataclass
@@ -111,6 +165,7 @@ class Generation:
     frames: torch.Tensor | None  # float32 [F, H, W, 3] in [0, 1], when asked for
     stages: dict[str, float]  # seconds per stage, and total
     path: Path | None
+    frames_written: int | None = None  # frames read back from the finished file at `path`
 
 
 class Pipeline:
@@ -124,8 +179,13 @@ class Pipeline:
         released: bool,
         cuda_graph: bool = True,
         world: parallel.World | None = None,
+        *,
+        vae_config: VAEConfig | None = None,
+        attention_scores: bool = False,
     ) -> None:
-        """`text_encoder` is None on the ranks of a sequence-parallel `world` other than 0."""
+        """`text_encoder` is None on the ranks of a sequence-parallel `world` other than 0. `vae_config` and
+        `attention_scores` (whether the executor's attention keeps its scores in memory) feed the memory check
+        of `generate`, which is skipped without a VAE config."""
         if text_encoder is None and (world is None or world.main):
             raise ValueError("a pipeline that encodes prompts needs a text encoder")
         self.text_encoder = text_encoder
@@ -133,6 +193,9 @@ class Pipeline:
         self.executor = executor
         self.schedule = schedule
         self.released = released
+        self.vae_config = vae_config
+        self.attention_scores = attention_scores
+        self._closed = False
         self._timesteps = schedule.timesteps(config.NUM_STEPS)
         self._alphas = schedule.alphas_cumprod_f64.to(executor.device)
         # One graph for the whole 4-step loop and one for a VAE body chunk (every chunk after the first has
@@ -148,33 +211,41 @@ class Pipeline:
         frames, caches_out = self.executor.vae_chunk(z, caches)
         return (frames, *caches_out)
 
+    @property
+    def dit_precision(self) -> str:
+        """What the DiT computes in, for the user and the report: the engines' graph, or torch's dtype."""
+        return self.executor.dit_precision
+
     @classmethod
     def from_pretrained(
         cls,
-        weights: str | Path,
+        weights: str | os.PathLike[str],
         backend: str = "torch",
         device: str | torch.device | None = None,
-        engines: str | Path | None = None,
+        engines: str | os.PathLike[str] | None = None,
         cuda_graph: bool = True,
         dit_precision: str | None = None,
     ) -> Pipeline:
         """`weights` is the original's cache layout; with `engines` (backend trt or onnxruntime) only its text
-        encoder, tokenizer and scheduler are read, the DiT and VAE being compiled into the engines."""
-        if backend not in BACKENDS:
-            raise K4TRTError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        folder = WeightsFolder(weights).require(dit_and_vae=backend == "torch")
+        encoder, tokenizer and scheduler are read, the DiT and VAE being compiled into the engines.
+        `dit_precision` ("fp8" or "bf16") picks the engines' DiT graph (default: fp8 where built)."""
+        folder = WeightsFolder(_path("weights", weights))
+        engines_dir = None if engines is None else _path("engines", engines)
+        check_backend(backend, dit_precision)
+        folder.require(dit_and_vae=backend == "torch")
         schedule = Schedule.from_config_dir(folder.scheduler)
         device = resolve_device(device)
         if backend == "trt" and device.type != "cuda":
             raise K4TRTError("--backend trt needs a CUDA GPU; use --backend torch or onnxruntime on the CPU")
-        engines_dir = Path(engines) if engines is not None else None
+        model = model_facts(folder.root, backend, engines_dir)
         world = parallel.current(device)
         if world is not None:
-            check_degree(model_dit_config(folder.root, backend, engines_dir), world.size)
+            check_degree(model.dit_config, world.size)
         executor = make_executor(backend, folder, engines_dir, device, dit_precision, world)
         text_encoder = (TextEncoder.from_pretrained(folder.text_encoder, folder.tokenizer, device, executor.dtype)
                         if world is None or world.main else None)
-        return cls(text_encoder, executor, schedule, config.is_released(executor.dit_config), cuda_graph, world)
+        return cls(text_encoder, executor, schedule, config.is_released(executor.dit_config), cuda_graph, world,
+                   vae_config=model.vae_config, attention_scores=backend == "onnxruntime")
 
 
     def generate(
@@ -194,15 +265,25 @@ class Pipeline:
         """`recorder` marks the stages (the benchmark harness passes its own, to keep the raw marks);
         `on_progress(done, total)` follows the work units, 4 DiT steps then the VAE chunks (a server reports it).
         On the ranks of a sequence-parallel run other than 0, nothing is decoded, written or shown, and the result
-        has the latents only."""
-        output = Path(output) if output is not None else None
-        seconds = check_request(prompt, seconds, width, height, output, released=self.released, seed=seed)
+        has the latents only.
+
+        Every argument is checked before any model work (types, ranges, the output path, the memory the
+        request needs); latents that are not finite (damaged DiT weights, an overflow) stop the run before
+        anything is written."""
+        if self._closed:
+            raise K4TRTError("this Pipeline was closed; load a new one with Pipeline.from_pretrained")
+        request = check_request(prompt, seconds, width, height, output, released=self.released, seed=seed)
+        seed, seconds, width, height, output = request
         main = self.world is None or self.world.main
         if not main:
             output, keep_frames, progress = None, False, False
         elif seed is None:
-            seed = random.randrange(2**63 - 1)
+            seed = random.randrange(config.SEED_RANGE.stop)
         ex = self.executor
+        if self.vae_config is not None:
+            need = memory.estimate(ex.dit_config, self.vae_config, seconds, width, height, ex.dtype.itemsize,
+                                   attention_scores=self.attention_scores, keep_frames=keep_frames)
+            memory.check_fits(need, ex.device, width, height, seconds)
         clock = recorder or Recorder(ex.device)
         latent_t = config.latent_frames(seconds)
         shape = (latent_t, height // config.VAE_SPATIAL_FACTOR, width // config.VAE_SPATIAL_FACTOR, config.LATENT_CHANNELS)
@@ -238,6 +319,10 @@ class Pipeline:
 
                 self._on_step = on_step
                 latents = self._loop(text, rope, *noises)
+        # One reduction over the final latents is the cheapest place that catches, for every backend, non-finite
+        # DiT or T5 weights (any one reaches every latent through attention) and an engine's overflow.
+        _require_finite(latents, "the DiT produced NaN or infinite latents", "or the DiT engine overflowed (build "
+                        "it with --precision bf16)")
 
         exchange = ex.exchange.seconds() if isinstance(ex, SequenceParallelExecutor) else None
         if exchange is not None:
@@ -249,22 +334,29 @@ class Pipeline:
                                           config.NUM_STEPS + 1):
                 clock.lap("vae decode")
                 chunks.update()
+                _require_finite(pixels, "the VAE decoded NaN or infinite pixels")
                 if keep_frames:
                     frames.append(pixels.cpu())
                 if writer is not None:
                     writer.write(pixels)
                     clock.lap("video encode")
                 report(done, units)
+        if writer is not None:
+            clock.lap("video encode")  # ffmpeg finishing the file and the frame count read back
         return Generation(
             seed=seed,
             latents=latents.cpu(),
             frames=torch.cat(frames) if keep_frames else None,
             stages=clock.stages(),
             path=output,
+            frames_written=writer.frames_written if writer is not None else None,
         )
 
     def close(self) -> None:
-        """Release the captured graphs and the executor's device memory."""
+        """Release the captured graphs and the executor's device memory; closing twice does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._loop.reset()
         self._vae_body.reset()
         self.executor.close()
@@ -283,21 +375,56 @@ class Pipeline:
 
 
 def check_request(
-    prompt: str, seconds: object, width: int, height: int, output: Path | None, *, released: bool,
+    prompt: object,
+    seconds: object,
+    width: object,
+    height: object,
+    output: object,
+    *,
+    released: bool,
     seed: object = None,
-) -> int:
-    """Every check that needs no model work, so bad input fails before anything runs or is written; returns
-    the duration as whole seconds. The CLI and the server call it before loading or queueing anything,
-    `generate` on every call."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise K4TRTError("the prompt is empty; describe the video to generate")
+) -> Request:
+    """Every check that needs no model work, so bad input fails before anything runs or is written. The CLI
+    and the server call it before loading or queueing anything, `generate` on every call. Wrong types raise `RequestTypeError`, values
+    out of range `RequestValueError` (both are K4TRTErrors, so the CLI prints one line)."""
+    check_prompt(prompt)
     seconds = config.check_duration(seconds)
-    config.check_size(width, height, released=released)
-    if seed is not None:
-        config.check_seed(seed)
+    width, height = config.check_size(width, height, released=released)
     if output is not None:
+        output = _path("output", output)
         check_output_path(output, single_frame=seconds == 0)
-    return seconds
+    return Request(None if seed is None else config.check_seed(seed), seconds, width, height, output)
+
+
+def check_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise RequestTypeError(f"the prompt must be a str, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise RequestValueError("the prompt is empty; describe the video to generate")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # Python hands undecodable command-line bytes over as lone surrogates U+DC80..U+DCFF, one per byte.
+        code = ord(prompt[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise RequestValueError(f"the prompt is not valid UTF-8 text ({what} at character {e.start + 1}); "
+                                "pass it in UTF-8") from None
+    return prompt
+
+
+def _path(what: str, value: object) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise RequestTypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__} {value!r}")
+    if not str(os.fspath(value)).strip():
+        raise RequestValueError(f"{what} is an empty path; name a file or folder")
+    return Path(value)
+
+
+def _require_finite(tensor: torch.Tensor, what: str, or_else: str = "") -> None:
+    """Refuse what would decode to a blank video (NaN pixels become black) before anything is written."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise K4TRTError(f"{what}, so the video would be blank; a weight file is damaged (find it with "
+                         f"`k4trt weights verify DIR`){' ' + or_else if or_else else ''}")
 
 
 def _writer(output: Path | None, width: int, height: int) -> contextlib.AbstractContextManager[FrameWriter | None]:
@@ -306,5 +433,5 @@ def _writer(output: Path | None, width: int, height: int) -> contextlib.Abstract
 
 def save_array(path: Path, array: torch.Tensor) -> None:
     """`--save-latents` / `--save-frames`: float32 .npy, written atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.save(f, array.float().numpy())

@@ -50,10 +50,11 @@ def parse_request(fields: Mapping[str, object], *, released: bool) -> VideoReque
         raise K4TRTError(f"size {size!r} must be a string WIDTHxHEIGHT, e.g. 672x384")
     width, height = config.parse_size(size)
     seed = fields.get("seed")
-    seed = random.randrange(config.MAX_SEED) if seed is None or seed == "" else _number(seed, "seed")
-    seconds = check_request(prompt or "", seconds, width, height, None, released=released, seed=seed)
-    assert isinstance(prompt, str) and isinstance(seed, int)  # check_request refused anything else
-    return VideoRequest(prompt=prompt, seconds=seconds, width=width, height=height, seed=seed)
+    seed = random.randrange(config.SEED_RANGE.stop) if seed is None or seed == "" else _number(seed, "seed")
+    request = check_request(prompt or "", seconds, width, height, None, released=released, seed=seed)
+    assert isinstance(prompt, str) and request.seed is not None  # check_request refused anything else
+    return VideoRequest(prompt=prompt, seconds=request.seconds, width=request.width, height=request.height,
+                        seed=request.seed)
 
 
 def _number(value: object, name: str) -> object:

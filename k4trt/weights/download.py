@@ -4,6 +4,10 @@ The DiT comes from ai-forever/kandinsky-4-t2v-flash; VAE, T5, tokenizer and sche
 THUDM/CogVideoX-5b, exactly the files the original implementation downloads. huggingface_hub resumes
 interrupted downloads and skips files already present, so running the command again is the fix for a
 partial folder.
+
+Downloading with `local_dir` makes huggingface_hub keep each file's etag (the SHA-256 of a weight file) under
+`DIR/.cache/huggingface/download/`; that folder is left in place, and every downloaded file is checked
+against it (`k4trt weights verify`) before the download is called done.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from k4trt.errors import K4TRTError
+from k4trt.errors import K4TRTError, first_line
 from k4trt.weights.layout import DIT_FILE, WeightsFolder
 
 DIT_REPO = "ai-forever/kandinsky-4-t2v-flash"
@@ -35,11 +39,11 @@ def download(dest: Path | str) -> WeightsFolder:
         hub.snapshot_download(COGVIDEOX_REPO, allow_patterns=COGVIDEOX_PATTERNS, local_dir=dest)
     except network as e:
         raise K4TRTError(
-            f"could not reach Hugging Face ({_reason(e)}); check your connection and run "
+            f"could not reach Hugging Face ({first_line(e)}); check your connection and run "
             f"`k4trt weights download {dest}` again, or copy an existing weights folder to {dest}"
         ) from None
     except OSError as e:
-        raise K4TRTError(f"could not write the weights to {dest} ({_reason(e)}); free disk space "
+        raise K4TRTError(f"could not write the weights to {dest} ({first_line(e)}); free disk space "
                          "(about 40 GB is needed) or choose another folder") from None
     # Offline, snapshot_download returns an existing folder without error, so check what actually arrived.
     folder = WeightsFolder(dest)
@@ -49,6 +53,11 @@ def download(dest: Path | str) -> WeightsFolder:
             f"the download into {dest} is incomplete ({'; '.join(problems)}); check your connection and run "
             f"`k4trt weights download {dest}` again (it resumes)"
         )
+    from k4trt.weights.verify import verify
+
+    problems = verify(dest).problems
+    if problems:
+        raise K4TRTError(f"the download into {dest} is not usable: {'; '.join(problems)}")
     return folder
 
 
@@ -62,8 +71,3 @@ def _transport_errors() -> tuple[type[Exception], ...]:
         except (ImportError, AttributeError):
             pass
     return tuple(found)
-
-
-def _reason(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

@@ -20,7 +20,21 @@ from k4trt.errors import K4TRTError
 DIT_FILE = "kandinsky4_distil_512.pt"
 SHARD_INDEX = "model.safetensors.index.json"
 
-_HOW_TO_FILL = "run `k4trt weights download {root}` (or `k4trt weights make-tiny {root}` for a tiny test model)"
+
+
+def tiny_folder_for(root: Path) -> Path:
+    """Where to suggest `make-tiny` for a user who asked for `root`: `root` itself when make-tiny can write it
+    (new or empty), else a new `tiny-weights` beside it. A checkout's `weights/` holds its tracked README and
+    is where the released weights go, so a tiny random model is never suggested into it."""
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return root
+    return root.parent / "tiny-weights"
+
+
+def how_to_fill(root: Path) -> str:
+    tiny = tiny_folder_for(root)
+    then = "" if tiny == root else f", then pass --weights {tiny}"
+    return f"run `k4trt weights download {root}` (or `k4trt weights make-tiny {tiny}`{then} for a tiny test model)"
 
 
 class WeightsFolder:
@@ -75,7 +89,7 @@ class WeightsFolder:
 
     def require(self, dit_and_vae: bool = True) -> WeightsFolder:
         """Raise a K4TRTError listing everything missing and how to get it; return self when complete."""
-        how = _HOW_TO_FILL.format(root=self.root)
+        how = how_to_fill(self.root)
         if not self.root.exists():
             raise K4TRTError(f"weights folder {self.root} does not exist; {how}")
         if not self.root.is_dir():

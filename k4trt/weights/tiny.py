@@ -11,18 +11,20 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import save as safetensors_bytes
 
-from k4trt.config import DiTConfig
+from k4trt.config import SEED_RANGE, DiTConfig, check_seed
 from k4trt.errors import K4TRTError
-from k4trt.fsutil import atomic_path
+from k4trt.fsutil import atomic_path, check_name_length, check_writable_dir, write_failed
 from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG
 from k4trt.models.text import quiet_transformers
-from k4trt.weights.layout import WeightsFolder
+from k4trt.weights.layout import WeightsFolder, tiny_folder_for
 from k4trt.weights.tiny_corpus import TINY_CORPUS
 
 TEXT_DIM = 32  # the tiny T5's d_model, hence the tiny DiT's in_text_dim
@@ -45,25 +47,48 @@ _SHARD_SIZE = "40KB"  # the tiny T5 is ~150 KB, so it lands in several shards pl
 
 
 def make_tiny(dest: Path | str, seed: int = 0) -> WeightsFolder:
-    """Write the tiny model to `dest` (absent or empty), atomically: built beside it, then renamed."""
+    """Write the tiny model to `dest` (absent or empty), atomically: built beside it, then renamed. `seed` is
+    any seed k4trt takes (0 to 2**63-1, `k4trt.config.SEED_RANGE`)."""
     dest = Path(dest)
+    seed = check_seed(seed)
+    check_name_length(dest, "make-tiny")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise K4TRTError(f"{dest} already exists and is not an empty folder; choose a new folder for make-tiny")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dest) as tmp:
-        folder = WeightsFolder(tmp)
-        tmp.mkdir()
-        for sub in (folder.vae, folder.text_encoder, folder.tokenizer, folder.scheduler):
-            sub.mkdir()
-        spiece = _train_tokenizer()
-        (folder.tokenizer / "spiece.model").write_bytes(spiece)
-        _write_json(folder.tokenizer / "tokenizer_config.json", _TOKENIZER_CONFIG)
-        vocab_size = _piece_count(spiece) + _EXTRA_IDS
-        _write_text_encoder(folder.text_encoder, vocab_size, seed)
-        _write_dit(folder.dit, seed)
-        _write_vae(folder.vae, seed)
-        _write_json(folder.scheduler / "scheduler_config.json", COGVIDEOX_5B_SCHEDULER_CONFIG)
+        instead = tiny_folder_for(dest)
+        fix = f"`k4trt weights make-tiny {instead}`" if not instead.exists() else "choose a new folder"
+        raise K4TRTError(f"{dest} already exists and is not an empty folder; make-tiny writes a new folder: {fix}")
+    if dest.is_dir() and os.path.ismount(dest):
+        raise K4TRTError(f"{dest} is a mount point, which cannot be replaced by the finished folder; make the tiny "
+                         f"model inside it: `k4trt weights make-tiny {dest / 'tiny-weights'}`")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failed(dest.parent, e) from None
+    check_writable_dir(dest.parent.resolve(), "make-tiny")
+    with atomic_path(dest, folder=True) as tmp:
+        try:
+            _write_model(WeightsFolder(tmp), seed)
+        except (OSError, SafetensorError) as e:  # the text encoder is saved by transformers through safetensors
+            raise write_failed(dest, e) from None
     return WeightsFolder(dest).require()
+
+
+def _write_model(folder: WeightsFolder, seed: int) -> None:
+    folder.root.mkdir()
+    for sub in (folder.vae, folder.text_encoder, folder.tokenizer, folder.scheduler):
+        sub.mkdir()
+    spiece = _train_tokenizer()
+    (folder.tokenizer / "spiece.model").write_bytes(spiece)
+    _write_json(folder.tokenizer / "tokenizer_config.json", _TOKENIZER_CONFIG)
+    vocab_size = _piece_count(spiece) + _EXTRA_IDS
+    _write_text_encoder(folder.text_encoder, vocab_size, seed)
+    _write_dit(folder.dit, _sub_seed(seed, 1))
+    _write_vae(folder.vae, _sub_seed(seed, 2))
+    _write_json(folder.scheduler / "scheduler_config.json", COGVIDEOX_5B_SCHEDULER_CONFIG)
+
+
+def _sub_seed(seed: int, k: int) -> int:
+    """Distinct seeds for the parts, wrapping at 2**63 so every seed works (below the top, seed + k itself)."""
+    return (seed + k) % SEED_RANGE.stop
 
 
 def _train_tokenizer() -> bytes:
@@ -124,7 +149,11 @@ def _write_dit(path: Path, seed: int) -> None:
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in DiT(TINY_DIT).state_dict().items()}
-    torch.save(_random_weights(shapes, seed + 1), path)
+    # Serialised in memory and written by Python (here and for the VAE), so a full disk is an OSError naming
+    # the cause rather than torch's or safetensors' own errors.
+    buffer = io.BytesIO()
+    torch.save(_random_weights(shapes, seed), buffer)
+    path.write_bytes(buffer.getvalue())
 
 
 def _write_vae(vae_dir: Path, seed: int) -> None:
@@ -136,7 +165,7 @@ def _write_vae(vae_dir: Path, seed: int) -> None:
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in VAEDecoder(cfg).state_dict().items()}
     _write_json(vae_dir / CONFIG_NAME, cfg.to_diffusers_config())
-    save_file(_random_weights(shapes, seed + 2), str(vae_dir / WEIGHTS_NAME))
+    (vae_dir / WEIGHTS_NAME).write_bytes(safetensors_bytes(_random_weights(shapes, seed)))
 
 
 def _random_weights(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
