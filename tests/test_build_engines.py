@@ -282,7 +282,8 @@ def test_changed_vae_weights_reexport_only_the_vae_graphs(copies, exports):
     assert exports == ["vae_image", "vae_head", "vae_body"]
     after = _mtimes(copies.out)
     changed = {name for name in before if after[name] != before[name]}
-    assert changed == {f"vae_{r}{s}" for r in ("image", "head", "body") for s in (".onnx", ".onnx.data", ".f32.onnx", ".f32.onnx.data")}
+    suffixes = (".onnx", ".onnx.data", ".f32.onnx", ".f32.onnx.data")
+    assert changed == {f"vae_{r}{s}" for r in ("image", "head", "body") for s in suffixes}
     manifest = Manifest.load(copies.out)
     assert manifest is not None and manifest.weights["vae/diffusion_pytorch_model.safetensors"].sha256 == _sha256(vae)
 
@@ -464,10 +465,12 @@ def test_missing_weights(tmp_path, capsys):
 
 def test_missing_or_empty_calibration_prompts(weights, tmp_path, capsys):
     out = tmp_path / "out"
-    err = _refused(["--onnx-only", "--weights", str(weights), "--out", str(out), "--calib-prompts", str(tmp_path / "no.txt")], capsys)
+    err = _refused(["--onnx-only", "--weights", str(weights), "--out", str(out), "--calib-prompts",
+                    str(tmp_path / "no.txt")], capsys)
     assert "--calib-prompts" in err and "does not exist" in err
     (tmp_path / "empty.txt").write_text("\n  \n")
-    err = _refused(["--onnx-only", "--weights", str(weights), "--out", str(out), "--calib-prompts", str(tmp_path / "empty.txt")], capsys)
+    err = _refused(["--onnx-only", "--weights", str(weights), "--out", str(out), "--calib-prompts",
+                    str(tmp_path / "empty.txt")], capsys)
     assert "holds no prompts" in err
     assert not out.exists()
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import k4trt.models.dit as dit_module
 from k4trt.config import RELEASED_DIT, DiTConfig
 from k4trt.errors import K4TRTError
-import k4trt.models.dit as dit_module
 from k4trt.models.dit import (
     DiT,
     TimeEmbeddings,
@@ -68,7 +68,7 @@ def rope_angles(cfg: DiTConfig, grid: tuple[int, ...], dtype: torch.dtype) -> Te
     float32 uses the original's float32 frequency expression, so a bf16 rounding of the angles matches it bit for
     bit; float64 uses the exact power."""
     parts = []
-    for axis, (n, axis_dim) in enumerate(zip(grid, cfg.axes_dims)):
+    for axis, (n, axis_dim) in enumerate(zip(grid, cfg.axes_dims, strict=True)):
         half = axis_dim // 2
         if dtype == torch.float32:
             freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)

@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from dit_cases import TINY, random_dit, random_inputs
 
 from k4trt.config import TEXT_TOKENS
 from k4trt.core.graphs import dit_graph, dit_input_shapes
@@ -26,8 +27,6 @@ from k4trt.export.dit_onnx import export_dit
 from k4trt.export.opcheck import check_graph
 from k4trt.export.twin import write_float32_twin
 from k4trt.models.dit import DiT, build_rope, sdpa_attention
-
-from dit_cases import TINY, random_dit, random_inputs
 
 SIZES = [(1, 4, 6), (3, 6, 2)]  # an image and a clip, different in every axis, through one graph
 

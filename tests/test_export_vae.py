@@ -18,10 +18,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from k4trt.export.opcheck import check_graph
-from k4trt.export.twin import write_float32_twin
 from k4trt.core.graphs import VAE_ROLES, vae_graph, vae_input_shapes, vae_role
 from k4trt.core.vae_schedule import chunk_bounds
+from k4trt.export.opcheck import check_graph
+from k4trt.export.twin import write_float32_twin
 from k4trt.export.vae_onnx import export_vae
 from k4trt.models.vae import VAEDecoder
 
@@ -82,7 +82,7 @@ def test_chunked_decode_matches_pytorch(sessions, reference, vae_bf16, latent_t,
         assert error <= RELATIVE_TOLERANCE, f"seed {seed}, chunk {start}:{end} ({role}): relative error {error:.2e}"
         if role != "image":
             assert len(ort_caches) == len(caches)
-            for k, (got, want) in enumerate(zip(ort_caches, caches)):
+            for k, (got, want) in enumerate(zip(ort_caches, caches, strict=True)):
                 cache_error = np.abs(got - want.numpy()).max() / want.abs().max().item()
                 assert cache_error <= RELATIVE_TOLERANCE, f"seed {seed}, cache {k} after chunk {start}:{end}"
 

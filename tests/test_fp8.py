@@ -20,20 +20,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from dit_cases import TINY, random_dit, random_inputs
 
 from k4trt.config import DiTConfig
-from k4trt.errors import K4TRTError
+from k4trt.core.executor import Executor
 from k4trt.core.graphs import dit_graph
+from k4trt.core.sampler import draw_noises, sample
+from k4trt.errors import K4TRTError
 from k4trt.export.dit_onnx import export_dit
 from k4trt.export.fp8 import AMAX_MARGIN, AttentionAmax, FP8Scales, calibrate_dit, calibrate_with_sampler
 from k4trt.export.opcheck import check_graph
 from k4trt.export.twin import write_float32_twin
 from k4trt.models.dit import DiT, build_rope, sdpa_attention
-
-from dit_cases import TINY, random_dit, random_inputs
 from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG, Schedule
-from k4trt.core.executor import Executor
-from k4trt.core.sampler import draw_noises, sample
 
 SIZES = [(1, 4, 6), (3, 6, 2)]
 LINEARS = ("self_attention.to_query_key_value", "self_attention.output_layer",
@@ -57,7 +56,8 @@ def fake_quant(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
 
 def per_channel(weight: torch.Tensor) -> torch.Tensor:
     """The weight's scales as the graph must hold them: one per output channel (row), each graph_scale(row max)."""
-    return torch.tensor([graph_scale(row_max) if row_max > 0 else 1.0 for row_max in weight.abs().amax(dim=1).tolist()])[:, None]
+    row_maxima = weight.abs().amax(dim=1).tolist()
+    return torch.tensor([graph_scale(row_max) if row_max > 0 else 1.0 for row_max in row_maxima])[:, None]
 
 
 def relative_error(out, ref: torch.Tensor) -> float:
@@ -102,7 +102,8 @@ def test_every_fp8_matmul_is_the_fake_quant_maths_of_the_same_scales(fp8_graph):
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     inputs = random_inputs(TINY, SIZES[1], seed=1)
     names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, (torch.from_numpy(a) for a in session.run(None, {k: t.numpy() for k, t in inputs.items()}))))
+    outputs = session.run(None, {k: t.numpy() for k, t in inputs.items()})
+    values = dict(zip(names, (torch.from_numpy(a) for a in outputs), strict=True))
 
     for gemm in gemms:
         linear = producer[gemm.input[1]].input[0].removesuffix(".weight")

@@ -11,8 +11,8 @@ import torch
 from onnx import TensorProto, helper
 
 from k4trt.config import TEXT_TOKENS, DiTConfig
-from k4trt.errors import K4TRTError
 from k4trt.core.graphs import dit_graph
+from k4trt.errors import K4TRTError
 from k4trt.export.dit_onnx import export_dit
 from k4trt.export.fp8 import calibrate_dit
 from k4trt.export.opcheck import check_graph, require_supported
@@ -118,7 +118,8 @@ def test_attention_restrictions_of_the_table(tmp_path):
         "ai.onnx::Attention: Q, K, V and attn_mask must be 4-D (1 node, e.g. 'three_d')",
         "ai.onnx::Attention: attribute softcap is unsupported (1 node, e.g. 'softcapped')",
         "ai.onnx::Attention: past_key, past_value and nonpad_kv_seqlen inputs are unsupported (1 node, e.g. 'cached')",
-        "ai.onnx::Attention: present_key, present_value and qk_matmul_output outputs are unsupported (1 node, e.g. 'cached')",
+        "ai.onnx::Attention: present_key, present_value and qk_matmul_output outputs are unsupported "
+        "(1 node, e.g. 'cached')",
     ]
 
 
@@ -173,7 +174,8 @@ def test_types_off_the_table_are_named(tmp_path):
     assert check_graph(path) == [
         "ai.onnx::Softmax on DOUBLE: TensorRT's Softmax does not take DOUBLE (1 node, e.g. 'softmax')",
         "ai.onnx::Cast on DOUBLE: TensorRT's Cast does not take DOUBLE (1 node, e.g. 'cast')",
-        "ai.onnx::QuantizeLinear on FLOAT8E5M2: TensorRT's QuantizeLinear does not take FLOAT8E5M2 (1 node, e.g. 'quantize')",
+        "ai.onnx::QuantizeLinear on FLOAT8E5M2: TensorRT's QuantizeLinear does not take FLOAT8E5M2 "
+        "(1 node, e.g. 'quantize')",
         "tensor type FLOAT8E5M2: not a TensorRT type (2 tensors, e.g. 'q')",
     ]
 

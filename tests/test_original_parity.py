@@ -123,9 +123,8 @@ def test_whole_generation_matches_original_bf16(original, tiny_weights, monkeypa
                          progress=False)
 
     # ---- theirs: the original's text embedder, sampler and VAE call
-    from omegaconf import OmegaConf
-
     import kandinsky.model.text_embedders as embedders
+    from omegaconf import OmegaConf
 
     conf = OmegaConf.create({"text_embedder": {"tokens_lenght": 224, "params": {
         "checkpoint_path": str(weights.text_encoder), "tokenizer_path": str(weights.tokenizer)}}})

@@ -53,7 +53,7 @@ def engines(tmp_path):
            + [("Mul", ["z", "c3" if k % 2 == 0 else "c4"], name) for k, name in enumerate(head.output_names[1:])])
     cache_in, cache_out = body.input_names[1:], body.output_names[1:]
     _graph(folder, body, [("Sub", cache_in[:2], "frames")]
-           + [("Add", [i, "c1"], o) for i, o in zip(cache_in, cache_out)])
+           + [("Add", [i, "c1"], o) for i, o in zip(cache_in, cache_out, strict=True)])
     _record(folder, ["dit.bf16", "dit.fp8", "vae_image", "vae_head", "vae_body"])
     return folder
 

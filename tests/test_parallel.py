@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from dit_cases import random_dit, relative, ulps
+
 from k4trt.cli.main import main as k4trt_main
 from k4trt.config import TEXT_TOKENS, DiTConfig
 from k4trt.core.graphs import dit_graph, dit_stem_degree, folder_graphs

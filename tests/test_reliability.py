@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from k4trt import Pipeline, __version__, config
 from k4trt.cli.main import main
-from k4trt.errors import K4TRTError
 from k4trt.core.manifest import Manifest, ModelFacts
+from k4trt.errors import K4TRTError
 from k4trt.fsutil import atomic_path
 from k4trt.models.vae import tiny_vae_config
 from k4trt.runtime import memory

@@ -7,9 +7,9 @@ import torch
 from diffusers import CogVideoXDDIMScheduler
 
 from k4trt.config import RELEASED_DIT
-from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG, Schedule
 from k4trt.core.executor import Executor
 from k4trt.core.sampler import draw_noises, sample
+from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG, Schedule
 
 SHAPE = (3, 6, 10, 16)
 

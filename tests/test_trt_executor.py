@@ -32,7 +32,8 @@ from k4trt.runtime.trt_executor import TensorRTExecutor
 HAS_TRT = tensorrt_version() is not None
 HAS_GPU = current_gpu() is not None
 needs_trt_gpu = pytest.mark.skipif(
-    not (HAS_TRT and HAS_GPU), reason="no CUDA GPU" if HAS_TRT else "TensorRT is not installed (pip install 'k4trt[trt-cu12]' or '[trt-cu13]')"
+    not (HAS_TRT and HAS_GPU),
+    reason="no CUDA GPU" if HAS_TRT else "TensorRT is not installed (pip install 'k4trt[trt-cu12]' or '[trt-cu13]')",
 )
 
 MODEL = ModelFacts(DiTConfig(), tiny_vae_config())  # the released DiT's tensor dims, a small decoder's caches
@@ -79,8 +80,10 @@ def _graph(folder: Path, spec: GraphSpec, dtype: int) -> None:
     `dtype`, so the bf16 (TensorRT) and float32 (ONNX Runtime) graphs hold identical values."""
     elem = {torch.bfloat16: dtype, torch.float32: TensorProto.FLOAT}
     rank = {"x": 4, "text": 2, "time": 1, "rope": 6, "velocity": 4}
-    inputs, outputs = ([helper.make_tensor_value_info(t.name, elem[t.dtype], [f"{t.name}{i}" for i in range(rank.get(t.name, 5))])
-                        for t in tensors] for tensors in (spec.inputs, spec.outputs))
+    def info(t):
+        return helper.make_tensor_value_info(t.name, elem[t.dtype], [f"{t.name}{i}" for i in range(rank.get(t.name, 5))])
+
+    inputs, outputs = ([info(t) for t in tensors] for tensors in (spec.inputs, spec.outputs))
     inits: list[onnx.TensorProto] = [numpy_helper.from_array(np.array(v, dtype=np.int64), n)
                                      for n, v in (("c0", [0]), ("c3", [3]), ("axis1", [1]), ("axis2", [2]))]
 
@@ -140,7 +143,7 @@ def test_every_registry_graph_is_valid_and_runs_in_onnxruntime(tmp_path):
         _graph(tmp_path, spec, TensorProto.FLOAT)
         session = ort.InferenceSession(str(tmp_path / spec.onnx), providers=["CPUExecutionProvider"])
         for case in CASES:
-            feeds = dict(zip(spec.input_names, (t.numpy() for t in _feeds(spec, case, "cpu", torch.float32))))
+            feeds = dict(zip(spec.input_names, (t.numpy() for t in _feeds(spec, case, "cpu", torch.float32)), strict=True))
             outputs = session.run(spec.output_names, feeds)
             assert len(outputs) == len(spec.outputs)
 
@@ -194,7 +197,8 @@ def test_dit_engine_matches_onnxruntime(engines, tmp_path):
         feeds = _feeds(spec, case, "cuda", torch.bfloat16)
         velocity = executor.dit(*feeds)
         assert velocity.dtype == torch.bfloat16 and velocity.shape == feeds[0].shape
-        (expected,) = session.run(spec.output_names, {n: t.float().cpu().numpy() for n, t in zip(spec.input_names, feeds)})
+        feed = {n: t.float().cpu().numpy() for n, t in zip(spec.input_names, feeds, strict=True)}
+        (expected,) = session.run(spec.output_names, feed)
         torch.testing.assert_close(velocity.float().cpu(), torch.from_numpy(expected), rtol=3e-2, atol=3e-2)
     executor.close()
 

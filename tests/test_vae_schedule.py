@@ -6,16 +6,16 @@ import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX
 
+from k4trt.core.vae_schedule import chunk_bounds, decode_chunks
 from k4trt.models.vae import VAEDecoder, tiny_vae_config
 from k4trt.runtime.torch_executor import TorchExecutor
-from k4trt.core.vae_schedule import chunk_bounds, decode_chunks
 
 
 def test_chunk_bounds_cover_every_frame_once():
     for t in range(1, 26):
         bounds = chunk_bounds(t)
         assert bounds[0][0] == 0 and bounds[-1][1] == t
-        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
         sizes = [end - start for start, end in bounds]
         if t % 2:  # every video length is odd: 3 first (1 for an image), then 2s
             assert sizes == ([1] if t == 1 else [3] + [2] * ((t - 3) // 2))

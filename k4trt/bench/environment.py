@@ -82,7 +82,7 @@ def _nvidia_smi(name: str) -> dict[str, str]:
     for line in done.stdout.splitlines():
         values = [v.strip() for v in line.split(",")]
         if len(values) == len(_SMI_FIELDS) and values[0] == name:
-            return {field.replace(".", "_"): value for field, value in zip(_SMI_FIELDS[1:], values[1:])}
+            return {field.replace(".", "_"): value for field, value in zip(_SMI_FIELDS[1:], values[1:], strict=False)}
     return {}
 
 

@@ -35,7 +35,7 @@ def flash_attn_varlen_qkvpacked_func(
         raise NotImplementedError("the SDPA shim of flash_attn supports inference only (dropout_p=0)")
     bounds = cu_seqlens.tolist()
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         # [1, heads, n, head_dim], the layout k4trt's DiT uses: 4-D is what SDPA's flash kernels take, and the
         # parity test relies on both sides hitting the same kernel.
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in qkv[start:end].unbind(1))

@@ -15,8 +15,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from k4trt.config import TEXT_TOKENS, DiTConfig
-from k4trt.models.vae import VAEConfig, VAEDecoder
 from k4trt.core.vae_schedule import chunk_bounds
+from k4trt.models.vae import VAEConfig, VAEDecoder
 
 # DESIGN.md, "Performance budget": rates measured on one H100 SXM.
 BF16_GEMM_PEAK = 798e12  # FLOP/s, a large bf16 matrix product

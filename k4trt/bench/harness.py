@@ -17,14 +17,13 @@ from collections.abc import Callable
 import torch
 
 from k4trt import config
-from k4trt.config import DiTConfig
-from k4trt.errors import K4TRTError, first_line
-from k4trt.models.vae import VAEConfig
-
 from k4trt.bench import flops, models
 from k4trt.bench.settings import ORIGINAL, Settings
 from k4trt.bench.subjects import Subject, Unavailable, load_k4trt
 from k4trt.bench.timing import Recorder, summarize, timed
+from k4trt.config import DiTConfig
+from k4trt.errors import K4TRTError, first_line
+from k4trt.models.vae import VAEConfig
 
 GIB = 1024**3
 DIT = "dit"  # the four steps together: measured as one stage inside a CUDA graph, else summed per run
@@ -129,7 +128,7 @@ def stage_summary(samples: dict[str, list[float]]) -> dict[str, dict]:
     for stage, values in samples.items():
         summary[stage] = summarize(values)
         if steps and stage == steps[-1]:
-            summary[DIT] = summarize([sum(run) for run in zip(*(samples[s] for s in steps))])
+            summary[DIT] = summarize([sum(run) for run in zip(*(samples[s] for s in steps), strict=True)])
     summary["total"] = summary.pop("total")
     return summary
 

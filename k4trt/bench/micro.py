@@ -26,6 +26,7 @@ import torch
 
 from k4trt import config
 from k4trt.bench import environment
+from k4trt.errors import first_line
 
 HEADS, HEAD_DIM, MODEL_DIM, FF_DIM = 48, 64, 3072, 12288
 VISUAL_TOKENS = 25 * 24 * 42  # 12 s at 672x384: 25 latent frames of 48x84 latents in 2x2 patches
@@ -58,7 +59,7 @@ def _result(flops: float, run: Callable[[], float]) -> dict[str, object]:
     try:
         seconds = run()
     except (RuntimeError, NotImplementedError) as e:  # no such kernel for this device, dtype or shape
-        return {"status": "skipped", "reason": str(e).strip().splitlines()[0][:300]}
+        return {"status": "skipped", "reason": first_line(e)[:300]}
     return {"status": "ok", "seconds": seconds, "tflops": flops / seconds / 1e12}
 
 
@@ -79,7 +80,8 @@ def attention(device: torch.device, heads: int, tokens: int, warmup: int, repeat
     return results
 
 
-def gemms(device: torch.device, tokens: int, dims: dict[str, tuple[int, int]], warmup: int, repeat: int) -> dict[str, object]:
+def gemms(device: torch.device, tokens: int, dims: dict[str, tuple[int, int]], warmup: int,
+          repeat: int) -> dict[str, object]:
     g = torch.Generator(device=device).manual_seed(1)
     results: dict[str, object] = {}
     for name, (k, n) in dims.items():
@@ -89,11 +91,15 @@ def gemms(device: torch.device, tokens: int, dims: dict[str, tuple[int, int]], w
         a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
         one = torch.ones((), device=device)
 
-        def fp8() -> float:  # _scaled_mm wants the second operand column-major: w8 [n, k] row-major, transposed
+        def fp8(a8: torch.Tensor = a8, w8: torch.Tensor = w8, one: torch.Tensor = one) -> float:
+            # _scaled_mm wants the second operand column-major: w8 [n, k] row-major, transposed
             return measure(lambda: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
                            device, warmup, repeat)
 
-        bf16 = _result(flops, lambda: measure(lambda: a @ w.t(), device, warmup, repeat))
+        def bf16_gemm(a: torch.Tensor = a, w: torch.Tensor = w) -> float:
+            return measure(lambda: a @ w.t(), device, warmup, repeat)
+
+        bf16 = _result(flops, bf16_gemm)
         fp8_result = _result(flops, fp8)
         speedup = None
         if bf16["status"] == fp8_result["status"] == "ok":

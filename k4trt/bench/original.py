@@ -21,13 +21,12 @@ from typing import cast
 
 import torch
 
-from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG
-from k4trt.weights.layout import WeightsFolder
-
 from k4trt.bench import flash_attn_shim, models
 from k4trt.bench.settings import Settings
 from k4trt.bench.subjects import Subject, Unavailable
 from k4trt.bench.timing import Recorder, timed
+from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG
+from k4trt.weights.layout import WeightsFolder
 
 _NEEDS = "pip install omegaconf einops diffusers torchvision (torchvision built for the installed torch)"
 

@@ -10,15 +10,14 @@ import json
 import re
 from pathlib import Path
 
-from k4trt.errors import K4TRTError
-from k4trt.fsutil import atomic_path, check_writable_dir
-from k4trt.runtime.report import ORIGINAL_SECONDS, TARGET_SECONDS
-
 from k4trt.bench import environment, flops
 from k4trt.bench.harness import DIT
 from k4trt.bench.settings import Settings
 from k4trt.bench.timing import format_seconds as seconds
 from k4trt.bench.timing import timer_method
+from k4trt.errors import K4TRTError
+from k4trt.fsutil import atomic_path, check_writable_dir
+from k4trt.runtime.report import ORIGINAL_SECONDS, TARGET_SECONDS
 
 SCHEMA = 1
 RESULTS = Path("k4trt-bench")  # relative: under the current directory, never inside the installed package

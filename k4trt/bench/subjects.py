@@ -16,17 +16,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from k4trt import config
+from k4trt.bench import models
+from k4trt.core.executor import Executor
 from k4trt.engine.trt_api import require_tensorrt
 from k4trt.errors import K4TRTError
 from k4trt.models.scheduler import COGVIDEOX_5B_SCHEDULER_CONFIG, Schedule
-from k4trt.core.executor import Executor
 from k4trt.parallel import world as parallel
 from k4trt.parallel.exchange import ProcessGroupExchange
 from k4trt.parallel.executor import SequenceParallelExecutor
 from k4trt.runtime.pipeline import Pipeline
 from k4trt.weights.layout import WeightsFolder
-
-from k4trt.bench import models
 
 if TYPE_CHECKING:
     from k4trt.models.text import TextEncoder
@@ -103,7 +102,8 @@ def _backend(backend: str, settings: Settings, dtype: torch.dtype, world: parall
         return TensorRTExecutor(settings.engines, precision=precision, device=device, world=world)
     if settings.weights is not None:
         return TorchExecutor.from_weights(WeightsFolder(settings.weights), device, dtype, exchange)
-    dit_cfg, vae_cfg = (models.TINY_DIT, models.TINY_VAE) if settings.tiny else (config.RELEASED_DIT, models.COGVIDEOX_5B_VAE)
+    dit_cfg, vae_cfg = ((models.TINY_DIT, models.TINY_VAE) if settings.tiny
+                        else (config.RELEASED_DIT, models.COGVIDEOX_5B_VAE))
     return TorchExecutor(models.random_dit(dit_cfg, device, dtype), models.random_vae(vae_cfg, device, dtype), device, dtype,
                          exchange)
 

@@ -6,8 +6,8 @@ import argparse
 import contextlib
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from k4trt import config

@@ -8,7 +8,6 @@ import argparse
 import ctypes
 import importlib.metadata
 import platform
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,8 +50,6 @@ def _python_torch() -> list[_Line]:
     import torch
 
     python = platform.python_version()
-    if sys.version_info < (3, 10):
-        return [(False, f"Python {python} is too old: install Python 3.10 or newer")]
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     return [(True, f"Python {python}"), (True, f"PyTorch {torch.__version__} ({build})")]
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
-from k4trt.errors import K4TRTError
+from k4trt.errors import K4TRTError, first_line
 
 EXIT_USER_ERROR = 2  # an interrupt exits with 128 + the signal's number, as shells report a signal's death
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -46,8 +46,7 @@ def run_cli(command: Callable[[], int]) -> int:
         # says how much was asked for and how much was free.
         if type(error).__name__ != "OutOfMemoryError":
             raise
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
-        print(f"error: out of GPU memory ({detail}); try a shorter --duration or a smaller --size, "
+        print(f"error: out of GPU memory ({first_line(error)}); try a shorter --duration or a smaller --size, "
               "or free the GPU of other work", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:

@@ -44,8 +44,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", default=config.format_size(config.DEFAULT_SIZE), metavar="WxH",
                    help="width x height; the released model knows "
                    + ", ".join(config.format_size(s) for s in config.TRAINED_SIZES) + " (default %(default)s)")
-    p.add_argument("--save-latents", type=Path, metavar="FILE.npy", help="also save the final latents, float32 (T, H/8, W/8, 16)")
-    p.add_argument("--save-frames", type=Path, metavar="FILE.npy", help="also save the frames, float32 (F, H, W, 3) in [0, 1]")
+    p.add_argument("--save-latents", type=Path, metavar="FILE.npy",
+                   help="also save the final latents, float32 (T, H/8, W/8, 16)")
+    p.add_argument("--save-frames", type=Path, metavar="FILE.npy",
+                   help="also save the frames, float32 (F, H, W, 3) in [0, 1]")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="also save the stage times as JSON")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="run the DiT loop and VAE chunks eagerly instead of replaying CUDA graphs (per-step times)")
@@ -88,8 +90,15 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, world: World | None) -> int:
     """Every check that needs no model (request, paths, weights layout, degree, memory) comes before loading."""
     from k4trt.parallel.degree import check_degree
-    from k4trt.runtime.pipeline import (Pipeline, check_backend, check_memory_before_loading, check_request,
-                                        model_facts, resolve_device, save_array)
+    from k4trt.runtime.pipeline import (
+        Pipeline,
+        check_backend,
+        check_memory_before_loading,
+        check_request,
+        model_facts,
+        resolve_device,
+        save_array,
+    )
     from k4trt.runtime.report import format_table, is_reference, save_report
 
     main = world is None or world.main

@@ -47,5 +47,5 @@ class Executor(ABC):
         dtype; `caches` None for the first chunk (the "head"), else the caches the previous chunk returned.
         Returns (pixels [1, 3, f, H, W] in [-1, 1], caches for the next chunk)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a hook with nothing to release by default, not abstract)
         """Release device memory held by the executor."""

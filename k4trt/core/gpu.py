@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 #: FP8 tensor cores: Ada (8.9) and Hopper (9.0) and later; TensorRT builds FP8 GEMMs only there
 FP8_COMPUTE_CAPABILITY = (8, 9)
 

@@ -43,7 +43,8 @@ class ShapeRange:
     max: Shape
 
     def covers(self, shape: Sequence[int]) -> bool:
-        return len(shape) == len(self.min) and all(lo <= d <= hi for lo, d, hi in zip(self.min, shape, self.max))
+        return len(shape) == len(self.min) and all(
+            lo <= d <= hi for lo, d, hi in zip(self.min, shape, self.max, strict=True))
 
     def to_json(self) -> dict[str, list[int]]:
         return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
@@ -81,9 +82,9 @@ def derive_ranges(shapes: Mapping[str, Sequence[Sequence[int]]], opt_case: int |
         raise ValueError(f"opt_case {opt_case} is not one of the {num_cases} cases")
     return {
         name: ShapeRange(
-            min=tuple(map(min, zip(*v))),
+            min=tuple(map(min, zip(*v, strict=True))),
             opt=v[opt_case],
-            max=tuple(map(max, zip(*v))),
+            max=tuple(map(max, zip(*v, strict=True))),
         )
         for name, v in table.items()
     }

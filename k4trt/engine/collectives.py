@@ -96,11 +96,12 @@ def place_collectives(network: trt.INetworkDefinition, placeholders: list[str], 
         raise K4TRTError(f"the parsed network lacks the exchange placeholders {', '.join(sorted(missing))}; "
                          "export the graph again")
     multi_device = cast(_MultiDeviceNetwork, network)
-    operations, reductions = getattr(trt, "CollectiveOperation"), trt.ReduceOperation
+    # Both by name: TensorRT 11's all-to-all and NONE reduction are absent from the 10.x type stubs.
+    operations, reductions = getattr(trt, "CollectiveOperation"), trt.ReduceOperation  # noqa: B009
     replaced: dict[str, trt.ITensor] = {}
     for name, identity in found.items():
         collective = multi_device.add_dist_collective(identity.get_input(0), operations.ALL_TO_ALL,
-                                                      getattr(reductions, "NONE"), -1, None)
+                                                      getattr(reductions, "NONE"), -1, None)  # noqa: B009
         if collective is None:
             raise K4TRTError(f"TensorRT could not add an all-to-all DistCollective layer for {name}")
         collective.num_ranks = degree

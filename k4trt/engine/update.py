@@ -172,7 +172,8 @@ def _distrust(trusted: bool, manifest: Manifest, changes: list[str], timing_cach
 
 def _log_inspection(log: Callable[[str], None], plan: str, inspection: Inspection) -> None:
     largest = inspection.largest_activation
-    biggest = f"; largest activation {largest.tensor} {list(largest.shape)} ({largest.bytes / 2**20:.0f} MiB)" if largest else ""
+    biggest = (f"; largest activation {largest.tensor} {list(largest.shape)} ({largest.bytes / 2**20:.0f} MiB)"
+               if largest else "")
     log(f"{plan}: {inspection.layers} layers, {len(inspection.attention_layers)} fused attention, "
         f"{inspection.fp8_gemm_layers} FP8 GEMM{biggest}")
 

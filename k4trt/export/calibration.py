@@ -43,7 +43,8 @@ def read_prompts(path: Path) -> list[str]:
     except FileNotFoundError:
         raise K4TRTError(f"--calib-prompts {path} does not exist; pass a text file with one prompt per line") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise K4TRTError(f"--calib-prompts {path} is not a readable UTF-8 text file ({e}); pass one prompt per line") from None
+        raise K4TRTError(f"--calib-prompts {path} is not a readable UTF-8 text file ({e}); pass one prompt per "
+                         "line") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise K4TRTError(f"--calib-prompts {path} holds no prompts; write one prompt per line")
@@ -71,6 +72,7 @@ def calibrate(weights: WeightsFolder, state_dict: dict[str, torch.Tensor], promp
     del encoder
     dit = DiT.from_state_dict(state_dict, dtype=dtype, device=device)
     width, height = CALIBRATION_SIZE
-    shape = (config.latent_frames(CALIBRATION_SECONDS), height // config.VAE_SPATIAL_FACTOR, width // config.VAE_SPATIAL_FACTOR)
+    shape = (config.latent_frames(CALIBRATION_SECONDS), height // config.VAE_SPATIAL_FACTOR,
+             width // config.VAE_SPATIAL_FACTOR)
     return calibrate_with_sampler(dit, texts, [shape], Schedule.from_config_dir(weights.scheduler), SEED,
                                   checkpoint_sha256)

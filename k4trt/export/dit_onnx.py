@@ -112,7 +112,7 @@ def _to_onnx(dit: DiT, spec: GraphSpec, *, explicit: bool) -> ir.Model:
 def _example(cfg: DiTConfig, dtype: torch.dtype, spec: GraphSpec, grid: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
     """Inputs of `spec` (on the current device, their values unset) for latents of `grid` patches: the whole
     latents, or rank 0's rows of them."""
-    latent = tuple(n * p for n, p in zip(grid, cfg.patch_size))
+    latent = tuple(n * p for n, p in zip(grid, cfg.patch_size, strict=True))
     shapes = dit_input_shapes(cfg, *latent)
     x, text = torch.empty(shapes["x"], dtype=dtype), torch.empty(shapes["text"], dtype=dtype)
     time, rope = torch.empty(shapes["time"]), torch.empty(shapes["rope"], dtype=dtype)

@@ -109,10 +109,12 @@ class FP8Scales:
                 document.get("checkpoint_sha256"),
             )
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise K4TRTError(f"{path} is not an FP8 scales file ({e}); delete it so build-engines calibrates again") from None
+            raise K4TRTError(f"{path} is not an FP8 scales file ({e}); delete it so build-engines calibrates "
+                             "again") from None
         bad = [name for name, amax in scales._all() if not (math.isfinite(amax) and amax >= 0)]
         if bad:
-            raise K4TRTError(f"{path} has invalid amax values ({', '.join(bad[:3])}); delete it so build-engines calibrates again")
+            raise K4TRTError(f"{path} has invalid amax values ({', '.join(bad[:3])}); delete it so build-engines "
+                             "calibrates again")
         if checkpoint_sha256 is not None and scales.checkpoint_sha256 != checkpoint_sha256:
             found = scales.checkpoint_sha256[:12] if scales.checkpoint_sha256 else "no recorded checkpoint"
             raise K4TRTError(f"{path} was calibrated on another DiT checkpoint ({found}, not {checkpoint_sha256[:12]}); "
@@ -133,7 +135,8 @@ class FP8Scales:
 
     def _all(self) -> list[tuple[str, float]]:
         return [*self.linear_inputs.items(),
-                *((f"{name}.{part}", a) for name, amax in self.attention_inputs.items() for part, a in amax._asdict().items())]
+                *((f"{name}.{part}", a) for name, amax in self.attention_inputs.items()
+                  for part, a in amax._asdict().items())]
 
 
 def calibrate_dit(dit: DiT, batches: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]]) -> FP8Scales:
@@ -205,8 +208,9 @@ def _quantize_linear(graph: ir.Graph, name: str, weight: Callable[[], Tensor], i
     graph_dtype = from_torch_dtype(dtype)
     for k, (gemm, _) in enumerate(uses):
         out = ir.Value(name=f"{name}/weight{k}/dequantized", shape=fp8_weight.shape, type=ir.TensorType(graph_dtype))
-        graph.insert_before(gemm, ir.Node("", "DequantizeLinear", [fp8_weight, weight_scale], name=f"{name}/weight{k}/dequantize",
-                                          outputs=[out], attributes=[ir.AttrInt64("axis", 0)]))
+        graph.insert_before(gemm, ir.Node("", "DequantizeLinear", [fp8_weight, weight_scale],
+                                          name=f"{name}/weight{k}/dequantize", outputs=[out],
+                                          attributes=[ir.AttrInt64("axis", 0)]))
         gemm.replace_input_with(1, out)
         _fake_quantize(graph, gemm, 0, input_scale, zero, graph_dtype, f"{name}/input{k}")
     graph.initializers.pop(key)
@@ -223,7 +227,7 @@ def _quantize_attention(
         raise RuntimeError(f"found {len(softmaxes)} Softmax nodes for {len(names)} attentions; update the FP8 pass")
     probability_scale = _initializer(graph, "attention_probability_scale", _scale(torch.tensor(1.0), dtype))
     graph_dtype = from_torch_dtype(dtype)
-    for name, softmax in zip(names, softmaxes):
+    for name, softmax in zip(names, softmaxes, strict=True):
         scores = softmax.inputs[0]
         first = scores.producer() if scores is not None else None
         uses = list(softmax.outputs[0].uses())
@@ -253,7 +257,8 @@ def _dequantize(
     graph: ir.Graph, before: ir.Node, value: ir.Value, scale: ir.Value, zero: ir.Value, dtype: ir.DataType, name: str
 ) -> ir.Value:
     out = ir.Value(name=f"{name}/dequantized", shape=value.shape, type=ir.TensorType(dtype))
-    graph.insert_before(before, ir.Node("", "DequantizeLinear", [value, scale, zero], name=f"{name}/dequantize", outputs=[out]))
+    graph.insert_before(before, ir.Node("", "DequantizeLinear", [value, scale, zero], name=f"{name}/dequantize",
+                                        outputs=[out]))
     return out
 
 

@@ -299,7 +299,8 @@ def _offending_types(node: onnx.NodeProto, opset: int, types: dict[str, str]) ->
     return found
 
 
-def _nodes(nodes: Iterable[onnx.NodeProto], functions: dict[tuple[str, str], onnx.FunctionProto]) -> Iterator[onnx.NodeProto]:
+def _nodes(nodes: Iterable[onnx.NodeProto],
+           functions: dict[tuple[str, str], onnx.FunctionProto]) -> Iterator[onnx.NodeProto]:
     """`nodes` in order, with calls of model-local functions replaced by the functions' bodies (TensorRT
     inlines local functions, so their bodies are what it parses)."""
     for node in nodes:

@@ -412,11 +412,11 @@ def build_rope(
     and part of what the model was trained with. For float32 it is all float32.
     """
     grid = (t // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
-    if min(t, h, w) <= 0 or (t, h, w) != tuple(n * p for n, p in zip(grid, cfg.patch_size)):
+    if min(t, h, w) <= 0 or (t, h, w) != tuple(n * p for n, p in zip(grid, cfg.patch_size, strict=True)):
         raise K4TRTError(f"latent shape {t}x{h}x{w} is not a positive multiple of the DiT patch {cfg.patch_size}; "
                          "use a video size that is a multiple of 16")
     axes = []
-    for axis, (positions, axis_dim) in enumerate(zip(grid, cfg.axes_dims)):
+    for axis, (positions, axis_dim) in enumerate(zip(grid, cfg.axes_dims, strict=True)):
         angles = torch.outer(torch.arange(positions, dtype=torch.float32), _freqs(axis_dim // 2))
         view = [1, 1, 1, axis_dim // 2]
         view[axis] = positions

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from k4trt.errors import K4TRTError
+from k4trt.errors import K4TRTError, first_line
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -19,5 +19,5 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise K4TRTError(f"{path} is damaged or unreadable ({str(e).strip().splitlines()[0]}); "
+        raise K4TRTError(f"{path} is damaged or unreadable ({first_line(e)}); "
                          "download it again with `k4trt weights download DIR`") from None

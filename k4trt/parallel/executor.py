@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, cast
 
-import torch
 from torch import Tensor
 
 from k4trt.config import TEXT_TOKENS

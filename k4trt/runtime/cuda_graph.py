@@ -67,7 +67,7 @@ class CudaGraphRunner(Generic[T]):
         signature = tuple((t.shape, t.dtype, t.device) for t in inputs)
         capture = self._capture
         if capture is not None and capture.signature == signature:
-            for static, new in zip(capture.inputs, inputs):
+            for static, new in zip(capture.inputs, inputs, strict=True):
                 static.copy_(new)
             capture.graph.replay()
             return capture.outputs

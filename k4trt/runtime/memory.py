@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from k4trt import config
+from k4trt.core.vae_schedule import chunk_bounds
 from k4trt.errors import RequestValueError
 from k4trt.models.vae import VAEConfig
-from k4trt.core.vae_schedule import chunk_bounds
 
 GIB = 1 << 30
 _HEAD_DIM = 64

@@ -70,7 +70,7 @@ class OnnxRuntimeExecutor(Executor):
             raise ValueError(f"{spec.twin} takes {len(spec.inputs)} inputs ({', '.join(spec.input_names)}), "
                              f"got {len(inputs)}")
         feeds = {name: t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous().numpy()
-                 for name, t in zip(spec.input_names, inputs)}
+                 for name, t in zip(spec.input_names, inputs, strict=True)}
         return [torch.from_numpy(out).to(self.device) for out in self._session(graph).run(spec.output_names, feeds)]
 
     def _session(self, graph: str) -> ort.InferenceSession:
@@ -80,7 +80,8 @@ class OnnxRuntimeExecutor(Executor):
         if graph not in self._sessions:
             spec = self._graphs[graph]
             path = self.engines_dir / spec.twin
-            again = self._manifest.rebuild_command(self.engines_dir, extra=f"--onnx-only --force{self._precision_flag(graph)}")
+            flags = f"--onnx-only --force{self._precision_flag(graph)}"
+            again = self._manifest.rebuild_command(self.engines_dir, extra=flags)
             artifact = self._manifest.artifacts.get(spec.stem)
             if artifact is None or spec.twin not in artifact.files:
                 raise K4TRTError(f"{self.engines_dir} has no exported {spec.twin}; export it: {again}")

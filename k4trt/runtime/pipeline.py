@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from k4trt import config
-from k4trt.config import TEXT_TOKENS, DiTConfig
+from k4trt.config import TEXT_TOKENS
 from k4trt.core.executor import Executor
 from k4trt.core.manifest import ModelFacts
 from k4trt.core.sampler import draw_noises, sample
@@ -385,8 +385,9 @@ def check_request(
     seed: object = None,
 ) -> Request:
     """Every check that needs no model work, so bad input fails before anything runs or is written. The CLI
-    and the server call it before loading or queueing anything, `generate` on every call. Wrong types raise `RequestTypeError`, values
-    out of range `RequestValueError` (both are K4TRTErrors, so the CLI prints one line)."""
+    and the server call it before loading or queueing anything, `generate` on every call. Wrong types raise
+    `RequestTypeError`, values out of range `RequestValueError` (both are K4TRTErrors, so the CLI prints one
+    line)."""
     check_prompt(prompt)
     seconds = config.check_duration(seconds)
     width, height = config.check_size(width, height, released=released)

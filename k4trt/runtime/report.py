@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Union
 
 import torch
 
@@ -20,7 +19,7 @@ ORIGINAL_SECONDS = 11.0  # the original on one H100, 12 s at 672x384 (its author
 TARGET_SECONDS = 3.0
 REFERENCE_REQUEST = (12, 672, 384)  # (seconds, width, height): the only request those two figures are for
 
-Mark = Union[float, torch.cuda.Event]  # a wall-clock reading or a recorded event
+Mark = float | torch.cuda.Event  # a wall-clock reading or a recorded event
 #: stages measured inside others, reported but never added up with them: the time a sequence-parallel
 #: DiT spends in its collectives (part of the DiT steps)
 WITHIN = ("dit exchange",)

@@ -76,7 +76,7 @@ class BoundIO:
     def run(self, tensors: Sequence[torch.Tensor], enqueue: Callable[[], None]) -> list[torch.Tensor]:
         """Copy `tensors` into the buffers of their signature, `enqueue()` the context, return output copies."""
         buffers = self.bind(tuple(tuple(t.shape) for t in tensors))
-        for buffer, tensor in zip(buffers.inputs.values(), tensors):
+        for buffer, tensor in zip(buffers.inputs.values(), tensors, strict=True):
             buffer.copy_(tensor)
         enqueue()
         return [buffer.clone() for buffer in buffers.outputs.values()]
@@ -88,7 +88,7 @@ class BoundIO:
         known = self._sets.get(signature)
         if signature == self._bound and known is not None:
             return known
-        for name, shape in zip(self._inputs, signature):
+        for name, shape in zip(self._inputs, signature, strict=True):
             if not self._context.set_input_shape(name, shape):
                 raise self._fail(f"TensorRT rejected {name} of shape {shape} for {self._plan}")
         buffers = known or self._allocate_set(signature)
@@ -102,7 +102,7 @@ class BoundIO:
 
     def _allocate_set(self, signature: Signature) -> Buffers:
         inputs = {name: self._buffer(shape, dtype, f"the input {name} of {self._plan}")
-                  for (name, dtype), shape in zip(self._inputs.items(), signature)}
+                  for (name, dtype), shape in zip(self._inputs.items(), signature, strict=True)}
         outputs = {}
         for name, dtype in self._outputs.items():
             dims = self._context.get_tensor_shape(name)

@@ -28,8 +28,14 @@ from k4trt.core.graphs import DIT, GraphSpec, folder_graphs, vae_role
 from k4trt.core.manifest import MANIFEST, BuildEnvironment, EngineRecord, Manifest, plan_problem
 from k4trt.core.profiles import uncovered
 from k4trt.engine.plan_io import deserialize
-from k4trt.engine.trt_api import (check_aligned, describe_errors, error_recorder, is_out_of_memory, recorded_errors,
-                                  require_tensorrt)
+from k4trt.engine.trt_api import (
+    check_aligned,
+    describe_errors,
+    error_recorder,
+    is_out_of_memory,
+    recorded_errors,
+    require_tensorrt,
+)
 from k4trt.errors import K4TRTError
 from k4trt.runtime.engines_folder import choose_dit, open_engines
 from k4trt.runtime.nccl import Communicator
@@ -89,7 +95,7 @@ class TensorRTExecutor(Executor):
         with torch.cuda.device(self.device):
             self._engines = {name: self._deserialize(spec.plan) for name, spec in specs.items()}
             self._io = {name: _read_io(spec, manifest.engines[spec.plan], engine, manifest.rebuild_command(self.engines_dir))
-                        for (name, spec), engine in zip(specs.items(), self._engines.values())}
+                        for (name, spec), engine in zip(specs.items(), self._engines.values(), strict=True)}
             self._stream = torch.cuda.Stream(self.device)
             size = max(e.device_memory_size_v2 for e in self._engines.values())
             self._workspace = self._allocate((size,), torch.uint8, "the engines' activation memory")
@@ -153,7 +159,7 @@ class TensorRTExecutor(Executor):
         io = self._io[graph]
         if len(tensors) != len(io.spec.inputs):
             raise ValueError(f"{io.plan} takes inputs {io.spec.input_names}, got {len(tensors)} tensors")
-        inputs = dict(zip(io.spec.input_names, tensors))
+        inputs = dict(zip(io.spec.input_names, tensors, strict=True))
         problems = uncovered(io.record.profile, {name: tuple(t.shape) for name, t in inputs.items()})
         if problems:
             command = self._manifest.rebuild_command(self.engines_dir, extra=f"{hint} --force")

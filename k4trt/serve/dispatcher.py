@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from k4trt.errors import first_line
 from k4trt.serve.metrics import Metrics
 from k4trt.serve.request import VideoRequest
 from k4trt.serve.store import Job, JobStore
@@ -86,7 +87,7 @@ class Dispatcher:
         raise RuntimeError("the replica's stream ended without a result")
 
     def _lost(self, job: Job, error: Exception) -> None:
-        reason = f"{type(error).__name__}: {_first_line(error)}"
+        reason = first_line(error)
         self.metrics.replica_lost()
         if job.attempts < MAX_ATTEMPTS:
             log.warning("replica lost during %s (attempt %d), re-queued: %s", job.id, job.attempts, reason)
@@ -95,7 +96,3 @@ class Dispatcher:
             log.error("replica lost during %s again, failed: %s", job.id, reason)
             self.store.fail(job.id, f"the replica generating this video stopped {job.attempts} times ({reason})")
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no detail"

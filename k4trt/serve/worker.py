@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from k4trt.errors import K4TRTError
+from k4trt.errors import K4TRTError, first_line
 from k4trt.runtime.pipeline import Pipeline
 from k4trt.serve.request import VideoRequest
 
@@ -99,6 +99,5 @@ class JobRunner:
             finished = Failed(str(error))
         except Exception as error:  # the job failed, the replica did not: say what, keep the traceback in its log
             log.exception("job failed: %s", request)
-            detail = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
-            finished = Failed(f"generation failed ({type(error).__name__}: {detail})")
+            finished = Failed(f"generation failed ({first_line(error)})")
         yield finished

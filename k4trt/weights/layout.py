@@ -57,7 +57,8 @@ class WeightsFolder:
         if not self.root.is_dir():
             return [f"{self.root} is a file, not a folder"]
         found: list[str] = []
-        required = [self.dit, self.vae / "config.json", self.vae / "diffusion_pytorch_model.safetensors"] if dit_and_vae else []
+        dit_and_vae_files = [self.dit, self.vae / "config.json", self.vae / "diffusion_pytorch_model.safetensors"]
+        required = dit_and_vae_files if dit_and_vae else []
         required += [
             self.text_encoder / "config.json",
             self.tokenizer / "spiece.model",
