@@ -146,25 +146,25 @@ def atomic_file(final: Path | str) -> Iterator[BinaryIO]:
             raise write_failed(final, e) from None
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _sync(path: Path) -> None:
     """Force a file's data to disk before it is renamed into place, so a crash cannot leave the final name
     pointing at a file whose blocks were never written (folders are trees of files: not forced)."""
     if path.is_file():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
 
 
 def _sync_folder(folder: Path) -> None:
     """Make the rename itself durable; some filesystems cannot sync a folder, which only costs durability."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(folder)
 
 
 def _remove(path: Path) -> None:

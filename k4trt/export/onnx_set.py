@@ -36,7 +36,7 @@ from k4trt.export.onnx_files import graph_files
 from k4trt.export.opcheck import require_supported
 from k4trt.export.twin import write_float32_twin
 from k4trt.export.vae_onnx import export_vae
-from k4trt.fsutil import check_writable_dir
+from k4trt.fsutil import check_writable_dir, remove_stale_partials
 from k4trt.models.dit import DiT, infer_dit_config
 from k4trt.models.vae import CONFIG_NAME, VAEConfig, VAEDecoder
 from k4trt.parallel.degree import check_degree
@@ -160,8 +160,8 @@ def _export(weights: WeightsFolder, state: dict[str, torch.Tensor], model: Model
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
-    """Create the folder if its parent exists; refuse one that cannot be written, before any work. Temporary
-    files a killed run left (`.*.partial`, see `k4trt.fsutil.atomic_path`) are removed."""
+    """Create the folder if its parent exists; refuse one that cannot be written, before any work. Temporaries
+    a killed run left are removed (`k4trt.fsutil.remove_stale_partials`; a live writer's are kept)."""
     what = f"engines folder {out_dir}"
     if out_dir.exists() and not out_dir.is_dir():
         raise K4TRTError(f"{what} is a file; pass a folder")
@@ -172,9 +172,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
         check_writable_dir(parent, f"cannot create {what}")
         out_dir.mkdir()
     check_writable_dir(out_dir, what)
-    for leftover in out_dir.glob(".*.partial"):
-        if leftover.is_file():
-            leftover.unlink()
+    remove_stale_partials(out_dir)
     return out_dir
 
 
