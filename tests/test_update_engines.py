@@ -10,6 +10,7 @@ for where it was measured.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from pathlib import Path
@@ -79,7 +80,7 @@ def _write_graph(path: Path, inputs: list[str], outputs: list[str], seed: int) -
                     size_threshold=0)
 
 
-def _onnx_set(folder: Path, sizes=SIZES, max_seconds: int = 2, seed: int = 0) -> OnnxSet:
+def _onnx_set(folder: Path, sizes=SIZES, max_seconds: int = 2, seed: int = 0, fp8_scope: str = "all") -> OnnxSet:
     graphs = folder_graphs("fp8", MODEL.dit_config, MODEL.vae_config)
     manifest, _ = Manifest.load_or_start(folder, lambda line: None)
     manifest.model = manifest.model or MODEL
@@ -89,7 +90,7 @@ def _onnx_set(folder: Path, sizes=SIZES, max_seconds: int = 2, seed: int = 0) ->
         files = [spec.onnx, spec.onnx + ".data"]
         manifest.artifacts[spec.stem] = Artifact({}, {f: manifest.file_sha(folder, f) for f in files})
     manifest.save(folder)
-    return OnnxSet(folder, "fp8", graphs, request_cases(sizes, max_seconds), MODEL, exported=[], fp8_scope="all")
+    return OnnxSet(folder, "fp8", graphs, request_cases(sizes, max_seconds), MODEL, exported=[], fp8_scope=fp8_scope)
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def folder(tmp_path):
 
 def _update(folder: Path, environment=H100, inspector=None, **kwargs):
     builder, log = FakeBuilder(), []
-    onnx_set = _onnx_set(folder, **{k: kwargs.pop(k) for k in ("sizes", "max_seconds") if k in kwargs})
+    onnx_set = _onnx_set(folder, **{k: kwargs.pop(k) for k in ("sizes", "max_seconds", "fp8_scope") if k in kwargs})
     manifest = update_engines(onnx_set, environment, build=builder, inspect=inspector or FakeInspector(), log=log.append,
                               **kwargs)
     return builder.built, log, manifest
@@ -155,6 +156,23 @@ def test_other_durations_rebuild_the_dit_and_other_sizes_every_graph(folder):
     _update(folder)
     assert _update(folder, max_seconds=1)[0] == ["dit.fp8.plan"]  # the VAE graphs' shapes do not depend on it
     assert _update(folder, max_seconds=1, sizes=[(64, 48), (48, 64)])[0] == ALL
+
+
+def test_another_fp8_scope_rebuilds_the_dit_alone(folder):
+    _update(folder)
+    built, log, manifest = _update(folder, fp8_scope="ffn")
+    assert built == ["dit.fp8.plan"] and "FP8 scope all -> ffn" in log[0]
+    assert manifest.engines["dit.fp8.plan"].fp8_scope == "ffn" and manifest.engines["vae_head.plan"].fp8_scope is None
+
+
+def test_a_plan_recorded_without_an_inspection_is_rebuilt(folder):
+    _update(folder)
+    manifest = Manifest.load(folder)
+    assert manifest is not None
+    manifest.engines["vae_body.plan"] = dataclasses.replace(manifest.engines["vae_body.plan"], inspection=None)
+    manifest.save(folder)
+    built, log, _ = _update(folder)
+    assert built == ["vae_body.plan"] and "vae_body.plan was never inspected" in log[3]
 
 
 def test_other_builder_options_rebuild_everything(folder):

@@ -191,8 +191,6 @@ def needs_rebuild(old: EngineRecord | None, wanted: EngineRecord, folder: Path, 
         reasons.append("shape profile changed (other sizes or durations)")
     if old.options != wanted.options:
         reasons.append(f"build options changed: {old.options} -> {wanted.options}")
-    if old.precision != wanted.precision:
-        reasons.append(f"precision {old.precision} -> {wanted.precision}")
     if old.fp8_scope != wanted.fp8_scope:
         reasons.append(f"FP8 scope {old.fp8_scope} -> {wanted.fp8_scope}")
     problem = plan_problem(folder, plan, old)
