@@ -16,7 +16,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from k4trt.core.executor import Executor
 from k4trt.core.manifest import ModelFacts
 from k4trt.core.sampler import draw_noises, sample
 from k4trt.core.vae_schedule import chunk_bounds, decode_chunks
-from k4trt.errors import K4TRTError, RequestTypeError, RequestValueError
+from k4trt.errors import K4TRTError, RequestValueError
 from k4trt.fsutil import atomic_file
 from k4trt.models.dit import DiT, build_rope
 from k4trt.models.files import safetensors_shapes
@@ -39,10 +38,11 @@ from k4trt.parallel import world as parallel
 from k4trt.parallel.degree import check_degree
 from k4trt.parallel.exchange import ProcessGroupExchange
 from k4trt.parallel.executor import SequenceParallelExecutor
-from k4trt.runtime import BACKENDS, memory
+from k4trt.runtime import memory
 from k4trt.runtime.cuda_graph import CudaGraphRunner
 from k4trt.runtime.report import Recorder
-from k4trt.runtime.video import FrameWriter, check_output_path
+from k4trt.runtime.request import as_path, check_backend, check_request
+from k4trt.runtime.video import FrameWriter
 from k4trt.weights.layout import WeightsFolder
 
 
@@ -58,19 +58,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type not in ("cuda", "cpu"):
         raise RequestValueError(f"device {device} is not supported; use cuda or cpu")
     return device
-
-
-def check_backend(backend: object, dit_precision: object = None) -> None:
-    """The backend and DiT precision asked for exist, and the precision is one that backend can choose."""
-    if backend not in BACKENDS:
-        raise RequestValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if dit_precision is None:
-        return
-    if dit_precision not in config.PRECISIONS:
-        raise RequestValueError(f"DiT precision {dit_precision!r} is not one of {', '.join(config.PRECISIONS)}")
-    if backend == "torch":
-        raise RequestValueError("--dit-precision chooses between the DiT graphs of --backend trt or onnxruntime; "
-                                "--backend torch runs the checkpoint itself (float32 on the CPU, bf16 on a GPU)")
 
 
 def make_executor(
@@ -148,16 +135,6 @@ def _require_engines(backend: str, engines: Path | None) -> Path:
     return engines
 
 
-class Request(NamedTuple):
-    """A request as `check_request` passed it: plain ints and a Path, ready for the model."""
-
-    seed: int | None
-    seconds: int
-    width: int
-    height: int
-    output: Path | None
-
-
 @dataclass
 class Generation:
     seed: int
@@ -229,8 +206,8 @@ class Pipeline:
         """`weights` is the original's cache layout; with `engines` (backend trt or onnxruntime) only its text
         encoder, tokenizer and scheduler are read, the DiT and VAE being compiled into the engines.
         `dit_precision` ("fp8" or "bf16") picks the engines' DiT graph (default: fp8 where built)."""
-        folder = WeightsFolder(_path("weights", weights))
-        engines_dir = None if engines is None else _path("engines", engines)
+        folder = WeightsFolder(as_path("weights", weights))
+        engines_dir = None if engines is None else as_path("engines", engines)
         check_backend(backend, dit_precision)
         folder.require(dit_and_vae=backend == "torch")
         schedule = Schedule.from_config_dir(folder.scheduler)
@@ -372,53 +349,6 @@ class Pipeline:
     ) -> Generation:
         """Shaped like the original's `Kandinsky4T2VPipeline.__call__` so existing callers port directly."""
         return self.generate(text, seed=seed, seconds=time_length, width=width, height=height, output=save_path)
-
-
-def check_request(
-    prompt: object,
-    seconds: object,
-    width: object,
-    height: object,
-    output: object,
-    *,
-    released: bool,
-    seed: object = None,
-) -> Request:
-    """Every check that needs no model work, so bad input fails before anything runs or is written. The CLI
-    and the server call it before loading or queueing anything, `generate` on every call. Wrong types raise
-    `RequestTypeError`, values out of range `RequestValueError` (both are K4TRTErrors, so the CLI prints one
-    line)."""
-    check_prompt(prompt)
-    seconds = config.check_duration(seconds)
-    width, height = config.check_size(width, height, released=released)
-    if output is not None:
-        output = _path("output", output)
-        check_output_path(output, single_frame=seconds == 0)
-    return Request(None if seed is None else config.check_seed(seed), seconds, width, height, output)
-
-
-def check_prompt(prompt: object) -> str:
-    if not isinstance(prompt, str):
-        raise RequestTypeError(f"the prompt must be a str, got {type(prompt).__name__}")
-    if not prompt.strip():
-        raise RequestValueError("the prompt is empty; describe the video to generate")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        # Python hands undecodable command-line bytes over as lone surrogates U+DC80..U+DCFF, one per byte.
-        code = ord(prompt[e.start])
-        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
-        raise RequestValueError(f"the prompt is not valid UTF-8 text ({what} at character {e.start + 1}); "
-                                "pass it in UTF-8") from None
-    return prompt
-
-
-def _path(what: str, value: object) -> Path:
-    if not isinstance(value, (str, os.PathLike)):
-        raise RequestTypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__} {value!r}")
-    if not str(os.fspath(value)).strip():
-        raise RequestValueError(f"{what} is an empty path; name a file or folder")
-    return Path(value)
 
 
 def _require_finite(tensor: torch.Tensor, what: str, or_else: str = "") -> None:

@@ -26,20 +26,10 @@ import numpy as np
 import torch
 
 from k4trt.config import FPS
-from k4trt.errors import K4TRTError, RequestValueError, first_line
-from k4trt.fsutil import atomic_path, check_output_file, write_failed
+from k4trt.errors import K4TRTError, first_line
+from k4trt.fsutil import atomic_path, write_failed
 
-SUFFIXES = (".mp4", ".png")
 _KILL_WAIT_S = 10
-
-
-def check_output_path(path: Path, single_frame: bool) -> None:
-    """Refuse a bad output path before any model work starts."""
-    if path.suffix.lower() not in SUFFIXES:
-        raise RequestValueError(f"output {path}: use a .mp4 file for a video or a .png file for an image")
-    if path.suffix.lower() == ".png" and not single_frame:
-        raise RequestValueError(f"output {path}: a PNG holds one frame; use .mp4, or --duration 0 for an image")
-    check_output_file(path, f"output {path}")
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from k4trt import config
 from k4trt.errors import K4TRTError
-from k4trt.runtime.pipeline import check_request
+from k4trt.runtime.request import check_request
 
 FIELDS = ("prompt", "seconds", "size", "seed", "model")
 
