@@ -49,9 +49,17 @@ def write_failed(path: Path | str, error: Exception) -> K4TRTError:
     """The one line for a write that failed (disk full, read-only, ...); the final name was not touched.
     `error` is an OSError, or a library's wrapper of one (safetensors reports "No space left" in its text)."""
     reason = (error.strerror if isinstance(error, OSError) else None) or first_line(error)
-    no_space = getattr(error, "errno", None) in _NO_SPACE or "No space left" in str(error)
+    no_space = getattr(error, "errno", None) in _NO_SPACE or "No space left" in str(error) or _full(Path(path).parent)
     fix = "free some space or choose another folder" if no_space else "choose another location"
     return K4TRTError(f"could not write {path} ({reason}); {fix}; nothing was written under that name")
+
+
+def _full(folder: Path) -> bool:
+    """Whether `folder`'s disk is (nearly) full: numpy's short write on a full disk carries no errno."""
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def check_writable_dir(folder: Path, what: str) -> None:

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from k4trt import Pipeline, __version__, config
+from k4trt.cli.build_engines import main as build_main
 from k4trt.cli.main import main
 from k4trt.core.manifest import Manifest, ModelFacts
 from k4trt.errors import K4TRTError
@@ -169,6 +170,15 @@ def test_failed_writes_keep_the_previous_file(tiny_weights, tmp_path, capsys, sm
     for name in ("v.mp4", "i.png", "f.npy"):
         assert (disk / name).read_bytes() == PREVIOUS, name
     assert not (disk / "r.json").exists() and not partials(disk)
+
+    # An export that fills the disk: numpy's short write (an OSError with no errno) inside the ONNX writer.
+    engines = small_disks.mount("engines", "3m") / "e"
+    code = build_main(["--weights", str(tiny_weights), "--sizes", "64x48", "--max-duration", "1", "--onnx-only",
+                       "--precision", "bf16", "--out", str(engines)])
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").rsplit("\n", 1)[-1]
+    assert code == 2 and "Traceback" not in err and last.startswith("error: could not write"), err
+    assert "free some space" in last and not partials(engines) and not (engines / "manifest.json").exists()
 
     readonly = small_disks.mount("ro", "1m")
     small_disks.readonly(readonly)

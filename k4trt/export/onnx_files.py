@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from k4trt.core.graphs import external_data
 from k4trt.errors import K4TRTError
-from k4trt.fsutil import atomic_path
+from k4trt.fsutil import atomic_path, write_failed
 
 if TYPE_CHECKING:
     from onnx import GraphProto, TensorProto
@@ -32,13 +32,16 @@ def save_onnx(model: ir.Model, path: Path) -> None:
     """
     data = path.with_name(external_data(path.name))
     with atomic_path(path) as tmp_onnx, atomic_path(data) as tmp_data:
-        ir.save(model, tmp_onnx, external_data=tmp_data.name)
-        proto = onnx.load(tmp_onnx, load_external_data=False)
-        for tensor in proto.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data.name
-        tmp_onnx.write_bytes(proto.SerializeToString())
+        try:
+            ir.save(model, tmp_onnx, external_data=tmp_data.name)
+            proto = onnx.load(tmp_onnx, load_external_data=False)
+            for tensor in proto.graph.initializer:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = data.name
+            tmp_onnx.write_bytes(proto.SerializeToString())
+        except OSError as e:  # numpy's short write on a full disk is an OSError with no errno
+            raise write_failed(path, e) from None
 
 
 def graph_files(onnx_path: Path, again: str) -> list[Path]:
