@@ -237,7 +237,8 @@ def test_signals_stop_cleanly_and_a_rerun_clears_a_killed_runs_partial(tiny_weig
     deadline = time.monotonic() + 120
     while len(ffmpegs) < len(procs) and time.monotonic() < deadline:
         for sig, (folder, proc) in procs.items():
-            if sig not in ffmpegs and partials(folder):  # ffmpeg has the temporary file open
+            # ffmpeg has the video's temporary open (not the writability probe's, which comes and goes earlier)
+            if sig not in ffmpegs and any(name.startswith(".v.mp4.") for name in partials(folder)):
                 ffmpegs[sig] = _ffmpeg_of(proc.pid)
                 proc.send_signal(sig)
         time.sleep(0.05)
