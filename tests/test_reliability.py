@@ -264,6 +264,30 @@ def test_signals_stop_cleanly_and_a_rerun_clears_a_killed_runs_partial(tiny_weig
     assert code == 0, err
     assert not partials(folder) and decoded_frames(folder / "v.mp4") == 9
 
+    # A signal handled where Python cannot raise (here a __del__; in the trial, the import system's module-lock
+    # callback during start-up) must still stop the command, not be printed as "Exception ignored" and lost.
+    swallowed = subprocess.run([sys.executable, "-c", SIGNAL_IN_DEL], env=env, preexec_fn=_terminal_signals,
+                               capture_output=True, text=True, timeout=60)
+    assert swallowed.returncode == 128 + signal.SIGHUP and swallowed.stdout == "", swallowed
+    assert swallowed.stderr == "stopped by SIGHUP; nothing was left half-written\n"
+
+
+SIGNAL_IN_DEL = """
+import os, signal, sys, time
+from k4trt.cli.errors import run_cli
+class HangUp:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGHUP)
+        sum(range(3))  # the handler runs here, inside __del__
+def command():
+    HangUp()
+    for _ in range(200):
+        time.sleep(0.01)
+    print("finished")
+    return 0
+sys.exit(run_cli(command))
+"""
+
 
 # 4. bad input on the CLI ----------------------------------------------------------------------------
 

@@ -5,12 +5,19 @@ end a command the way Ctrl-C does: as a `KeyboardInterrupt` raised in the main t
 `with` block, so each writer stops its ffmpeg and removes its temporary file, and then one line says so.
 A second signal while that runs is ignored, so the clean-up itself cannot be cut short. Signals the
 process was started with ignored (`nohup`, a background job's SIGINT) stay ignored.
+
+Python runs a signal handler wherever the main thread happens to be, and in a few places (a `__del__`, a
+weakref callback such as the import system's module-lock one, hit by a signal during start-up) an exception
+cannot propagate: Python prints it as "Exception ignored" and carries on, and the run would finish with exit
+0. Such a swallowed interrupt is delivered again a moment later, from a timer, once that place is left.
 """
 
 from __future__ import annotations
 
+import _thread
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from types import FrameType
 
@@ -27,7 +34,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def run_cli(command: Callable[[], int]) -> int:
-    previous = _install_handlers()
+    previous, unraisable = _install_handlers(), sys.unraisablehook
     try:
         return command()
     except K4TRTError as error:
@@ -50,6 +57,7 @@ def run_cli(command: Callable[[], int]) -> int:
               "or free the GPU of other work", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
+        sys.unraisablehook = unraisable
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -57,8 +65,6 @@ def run_cli(command: Callable[[], int]) -> int:
 def _install_handlers() -> dict[int, signal.Handlers | Callable[[int, FrameType | None], object] | int | None]:
     """Raise `Interrupted` on the first of SIGINT, SIGTERM, SIGHUP and ignore the rest; returns what was there.
     Signal handlers can only be set from the main thread; elsewhere (a test runner's thread) nothing changes."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return {}
     raised = False
@@ -69,6 +75,20 @@ def _install_handlers() -> dict[int, signal.Handlers | Callable[[int, FrameType 
             raised = True
             raise Interrupted(signum)
 
+    default_hook = sys.unraisablehook
+
+    def redeliver(unraisable: sys.UnraisableHookArgs) -> None:
+        nonlocal raised
+        if not isinstance(unraisable.exc_value, Interrupted):
+            default_hook(unraisable)
+            return
+        raised = False
+        # Not raised here: a handler run inside this hook would be swallowed the same way.
+        timer = threading.Timer(0.01, _thread.interrupt_main, (unraisable.exc_value.signum,))
+        timer.daemon = True
+        timer.start()
+
+    sys.unraisablehook = redeliver
     previous = {}
     for signum in HANDLED:
         current = signal.getsignal(signum)
