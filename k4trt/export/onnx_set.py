@@ -200,7 +200,9 @@ class _Steps:
         self.manifest = manifest
         self.force = force
         self.exported: list[str] = []
-        self._bar = tqdm(total=total, desc="ONNX", unit="file")
+        # disable=None: a bar on a terminal only, so logs and pipes get the per-graph lines and, on failure,
+        # the one error line without carriage-return debris
+        self._bar = tqdm(total=total, desc="ONNX", unit="file", disable=None)
 
     def __enter__(self) -> _Steps:
         return self
@@ -281,7 +283,7 @@ def _hash_weights(manifest: Manifest, root: Path, sources: Sequence[Path]) -> di
              for f in (sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source])]
     total = sum(f.stat().st_size for f in files if manifest.stamps.stale(f, str(f.resolve())))
     digests = {}
-    with tqdm(total=total, desc="hashing weights", unit="B", unit_scale=True, disable=total < _SHOWN_FROM,
+    with tqdm(total=total, desc="hashing weights", unit="B", unit_scale=True, disable=None if total >= _SHOWN_FROM else True,
               leave=False) as bar:
         for f in files:
             digests[f.relative_to(root).as_posix()] = FileDigest(f.stat().st_size, manifest.weights_sha(f, bar.update))
