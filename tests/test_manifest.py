@@ -109,9 +109,11 @@ def test_adopting_changed_weights_drops_what_was_made_from_the_old_ones():
     m = _full_manifest()
     m.artifacts["vae_head"] = Artifact({"vae/config.json": "bb"}, {})
     m.engines["vae_head.plan"] = EngineRecord("vae_head", "bf16", {}, {}, {})
+    m.artifacts["dit.sp4.bf16"] = Artifact({"vae/config.json": "bb"}, {})  # a sequence-parallel DiT, degree 4
+    m.engines["dit.sp4.bf16.plan"] = EngineRecord("dit", "bf16", {}, {}, {}, degree=4)
     dropped = m.record_weights({"kandinsky4_distil_512.pt": FileDigest(10, "cc")}, "/data/weights")
     assert dropped == ["dit.fp8", "dit.fp8.plan"]
-    assert set(m.artifacts) == {"vae_head"} and set(m.engines) == {"vae_head.plan"}
+    assert set(m.artifacts) == {"vae_head", "dit.sp4.bf16"} and set(m.engines) == {"vae_head.plan", "dit.sp4.bf16.plan"}
     assert m.weights["kandinsky4_distil_512.pt"].sha256 == "cc"
 
 

@@ -208,7 +208,8 @@ class Manifest:
         stale = [name for name, a in self.artifacts.items() if changed & a.inputs.keys()]
         for name in stale:
             del self.artifacts[name]
-        orphans = [plan for plan, r in self.engines.items() if artifact_name(r.graph, r.precision) not in self.artifacts]
+        # an engine is keyed by its plan's file name, the stem of the graph it is built from plus .plan
+        orphans = [plan for plan in self.engines if plan.removesuffix(".plan") not in self.artifacts]
         for plan in orphans:
             del self.engines[plan]
         return stale + orphans
@@ -240,11 +241,6 @@ class Manifest:
 
     def rebuild_command(self, engines_dir: Path, extra: str = "--force") -> str:
         return rebuild_command(engines_dir, self.weights_dir, extra)
-
-
-def artifact_name(graph: str, precision: str) -> str:
-    """The export artifact an engine of `graph` is built from: its file stem (`dit.fp8`, `vae_head`, …)."""
-    return f"{graph}.{precision}" if graph == "dit" else graph
 
 
 def rebuild_command(engines_dir: Path, weights_dir: str | None = None, extra: str = "--force") -> str:
