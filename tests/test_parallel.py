@@ -242,6 +242,7 @@ def test_the_sp_graph_exchanges_heads_with_distcollective_all_to_all(exported):
     twin = onnx.load(str(folder / spec.twin), load_external_data=False)
     assert {n.domain for n in twin.graph.node if n.op_type == "DistCollective"} == {ORT_PY_OP_DOMAIN}
     with placeholder_graph(folder / spec.onnx) as (copy, names):
+        assert copy.parent == folder and copy.name.endswith(".partial")  # what a rerun clears after a SIGKILL
         placed = onnx.load(str(copy), load_external_data=False)
         assert not [n for n in placed.graph.node if n.op_type == "DistCollective"]
         assert sorted(names) == sorted(n.output[0] for n in exchanges)

@@ -16,7 +16,6 @@ exchange the graph was written for. The layers need NCCL at run time and an Ampe
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
@@ -25,6 +24,7 @@ import onnx
 
 from k4trt.engine.trt_api import INSTALL
 from k4trt.errors import K4TRTError
+from k4trt.fsutil import temp_path
 from k4trt.parallel.collective import ALL_TO_ALL, OP_TYPE
 
 if TYPE_CHECKING:
@@ -61,9 +61,9 @@ def placeholder_graph(onnx_path: Path) -> Iterator[tuple[Path, list[str]]]:
             node.op_type = "Identity"
             del node.attribute[:]
             outputs.append(node.output[0])
-    copy = onnx_path.with_name(f".{onnx_path.stem}.{uuid.uuid4().hex[:8]}.placeholders.onnx")
-    copy.write_bytes(model.SerializeToString())
+    copy = temp_path(onnx_path)  # a temporary's name, so a rerun after a SIGKILL removes it
     try:
+        copy.write_bytes(model.SerializeToString())
         yield copy, outputs
     finally:
         copy.unlink(missing_ok=True)
