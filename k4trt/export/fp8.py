@@ -207,11 +207,8 @@ def _quantize_linear(graph: ir.Graph, name: str, weight: Callable[[], Tensor], i
     )
     graph_dtype = from_torch_dtype(dtype)
     for k, (gemm, _) in enumerate(uses):
-        out = ir.Value(name=f"{name}/weight{k}/dequantized", shape=fp8_weight.shape, type=ir.TensorType(graph_dtype))
-        graph.insert_before(gemm, ir.Node("", "DequantizeLinear", [fp8_weight, weight_scale],
-                                          name=f"{name}/weight{k}/dequantize", outputs=[out],
-                                          attributes=[ir.AttrInt64("axis", 0)]))
-        gemm.replace_input_with(1, out)
+        gemm.replace_input_with(1, _dequantize(graph, gemm, fp8_weight, weight_scale, None, graph_dtype,
+                                               f"{name}/weight{k}", axis=0))  # one scale per output channel
         _fake_quantize(graph, gemm, 0, input_scale, zero, graph_dtype, f"{name}/input{k}")
     graph.initializers.pop(key)
     graph.register_initializer(fp8_weight)
@@ -254,11 +251,14 @@ def _fake_quantize(
 
 
 def _dequantize(
-    graph: ir.Graph, before: ir.Node, value: ir.Value, scale: ir.Value, zero: ir.Value, dtype: ir.DataType, name: str
+    graph: ir.Graph, before: ir.Node, value: ir.Value, scale: ir.Value, zero: ir.Value | None, dtype: ir.DataType,
+    name: str, axis: int | None = None,
 ) -> ir.Value:
     out = ir.Value(name=f"{name}/dequantized", shape=value.shape, type=ir.TensorType(dtype))
-    graph.insert_before(before, ir.Node("", "DequantizeLinear", [value, scale, zero], name=f"{name}/dequantize",
-                                        outputs=[out]))
+    inputs = [value, scale] if zero is None else [value, scale, zero]
+    attributes = [] if axis is None else [ir.AttrInt64("axis", axis)]
+    graph.insert_before(before, ir.Node("", "DequantizeLinear", inputs, name=f"{name}/dequantize", outputs=[out],
+                                        attributes=attributes))
     return out
 
 
