@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 
 import pytest
 
@@ -279,6 +280,16 @@ def test_a_lost_replica_is_retried_once_then_fails_with_the_reason(tmp_path):
     assert lost.status == "failed" and calls == [2, 2]
     assert lost.error == "the replica generating this video stopped 2 times (ConnectionError: actor died)"
     assert "k4trt_replica_losses_total 2.0" in metrics.render().decode()
+
+
+def test_a_result_that_cannot_be_stored_fails_the_job_instead_of_leaving_it_in_progress(tmp_path, monkeypatch):
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("k4trt.fsutil.os.replace", no_space)  # the rename that puts the finished file in place
+    store, [job], calls, _ = dispatch(tmp_path, done, seeds=[1])
+    assert job.status == "failed" and calls == [1], job
+    assert "could not be stored" in job.error and "No space left" in job.error and not list(store.results.iterdir())
 
 
 def test_a_stream_without_a_result_counts_as_lost(tmp_path):

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from k4trt.errors import first_line
+from k4trt.errors import K4TRTError, first_line
 from k4trt.serve.metrics import Metrics
 from k4trt.serve.request import VideoRequest
 from k4trt.serve.store import Job, JobStore
@@ -72,7 +72,7 @@ class Dispatcher:
             return
         try:
             await asyncio.to_thread(self.store.complete, job, result.content, result.stages, result.peak_memory_mb)
-        except OSError as error:
+        except (OSError, K4TRTError) as error:  # the store's file write names the cause (disk full, ...) in a K4TRTError
             log.exception("could not store the result of %s", job.id)
             self.store.fail(job.id, f"the video was made but could not be stored ({error})")
             return

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from k4trt.errors import K4TRTError
-from k4trt.fsutil import atomic_path
+from k4trt.fsutil import atomic_file
 from k4trt.serve.request import VideoRequest
 
 STATUSES = ("queued", "in_progress", "completed", "failed")
@@ -144,8 +144,8 @@ class JobStore:
 
     def complete(self, job: Job, content: bytes, stages: dict[str, float], peak_memory_mb: float | None) -> None:
         """Blocking file write: call it off the event loop. The file is whole before the job says completed."""
-        with atomic_path(self.result_path(job)) as tmp:
-            tmp.write_bytes(content)
+        with atomic_file(self.result_path(job)) as f:
+            f.write(content)
         self._execute(
             "UPDATE jobs SET status = 'completed', progress = 100, completed_at = ?, stages = ?, "
             "inference_time_s = ?, peak_memory_mb = ? WHERE id = ?",
@@ -159,9 +159,7 @@ class JobStore:
     def delete(self, job: Job) -> None:
         """Remove a queued (so never started) or finished job and its file. A job in progress stays: its
         replica cannot be stopped mid-step, and deleting it would only hide work still being done."""
-        if job.status == "in_progress":
-            raise K4TRTError(f"video {job.id} is being generated; delete it once it has completed or failed")
-        cursor = self._execute("DELETE FROM jobs WHERE id = ? AND status != 'in_progress'", job.id)
+        cursor = self._execute("DELETE FROM jobs WHERE id = ? AND status != 'in_progress'", job.id)  # race-free
         if cursor.rowcount == 0:
             raise K4TRTError(f"video {job.id} is being generated; delete it once it has completed or failed")
         self.result_path(job).unlink(missing_ok=True)
