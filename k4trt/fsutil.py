@@ -233,7 +233,6 @@ class StampCache:
 
     def __init__(self, stamps: Mapping[str, FileStamp] | None = None) -> None:
         self.stamps: dict[str, FileStamp] = dict(stamps or {})
-        self.hashed: list[Path] = []  # files actually read by this instance, oldest first
 
     def sha256(self, path: Path, key: str, on_bytes: Callable[[int], object] | None = None) -> str:
         try:
@@ -246,7 +245,6 @@ class StampCache:
             return known.sha256
         digest = sha256_file(path, on_bytes)  # stat taken before reading: a file changed meanwhile looks stale next time
         self.stamps[key] = FileStamp(stat.st_size, stat.st_mtime_ns, stat.st_ino, digest)
-        self.hashed.append(path)
         return digest
 
     def record(self, path: Path, key: str, sha256: str) -> None:

@@ -57,6 +57,8 @@ def _python_torch() -> list[_Line]:
 def _gpu() -> list[_Line]:
     import torch
 
+    from k4trt.core.gpu import FP8_COMPUTE_CAPABILITY
+
     if not torch.cuda.is_available():
         if torch.version.cuda is None:
             return [(False, "no CUDA GPU: this PyTorch is a CPU-only build; on a GPU machine install a CUDA build: "
@@ -70,7 +72,7 @@ def _gpu() -> list[_Line]:
         text = f"GPU {index}: {props.name}, compute capability {cc[0]}.{cc[1]}, {props.total_memory / GIB:.1f} GiB"
         if cc < (8, 0):
             lines.append((False, f"{text}: bf16 engines need compute capability 8.0+ (Ampere or newer): use another GPU"))
-        elif cc < (8, 9):
+        elif cc < FP8_COMPUTE_CAPABILITY:
             lines.append((True, f"{text}: no FP8 tensor cores (needs 8.9+, Ada/Hopper), so build-engines builds the "
                                 "bf16 DiT"))
         else:
@@ -211,7 +213,6 @@ def _engines(engines_dir: Path, weights_dir: Path) -> list[_Line]:
     from k4trt.core.manifest import MANIFEST, BuildEnvironment, Manifest, plan_problem, rebuild_command
     from k4trt.engine.trt_api import tensorrt_version
     from k4trt.errors import K4TRTError
-    from k4trt.fsutil import sha256_file
 
     build = rebuild_command(engines_dir, str(weights_dir), extra="")
     try:
@@ -239,8 +240,7 @@ def _engines(engines_dir: Path, weights_dir: Path) -> list[_Line]:
     for plan, record in sorted(manifest.engines.items()):
         path = engines_dir / plan
         problem = plan_problem(engines_dir, plan, record)
-        if (problem is None and record.plan is not None and manifest.stamps.stale(path, plan)
-                and sha256_file(path) != record.plan.sha256):
+        if problem is None and record.plan is not None and manifest.file_sha(engines_dir, plan) != record.plan.sha256:
             problem = f"{path} differs from the plan that was built (SHA-256 mismatch)"
         if problem:
             lines.append((False, f"{problem}: {rebuild}"))

@@ -40,7 +40,6 @@ from k4trt.errors import RequestValueError
 from k4trt.models.vae import VAEConfig
 
 GIB = 1 << 30
-_HEAD_DIM = 64
 _FLOAT32, _FLOAT64 = 4, 8
 _LIVE_VAE_MAPS = 6
 _PAST_FRAMES = 2
@@ -85,7 +84,7 @@ def estimate(
     d, f = dit.model_dim, dit.ff_dim
     attention = s * d * (20 + 8 * e)
     feed_forward = s * d * (4 + e) + 2 * s * f * e
-    scores = 2 * (d // _HEAD_DIM) * s * s * _FLOAT32 if attention_scores else 0
+    scores = 2 * dit.num_heads * s * s * _FLOAT32 if attention_scores else 0
     frames_per_chunk = max(_video_frames(first, end) for first, end in chunk_bounds(t))
     channels = max(vae.block_out_channels[:2])
     return MemoryEstimate(
