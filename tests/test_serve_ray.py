@@ -363,7 +363,7 @@ def usage(server):
     return rss / 2**20, threads, len(processes)
 
 
-RSS_GROWTH_MB = 100  # the whole server (CLI, Ray, three replicas: ~2.5 GB) over 40 jobs after warm-up
+RSS_GROWTH_MB = 100  # the whole server (CLI, Ray, two replicas: ~2.5 GB) over the jobs after warm-up
 THREAD_GROWTH = 8  # Ray's gRPC pools breathe by a few; a leak per job would be 40+
 
 

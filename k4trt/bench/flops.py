@@ -18,7 +18,8 @@ from k4trt.config import TEXT_TOKENS, DiTConfig
 from k4trt.core.vae_schedule import chunk_bounds
 from k4trt.models.vae import VAEConfig, VAEDecoder
 
-# DESIGN.md, "Performance budget": rates measured on one H100 SXM.
+# H100 SXM rates from an earlier DESIGN.md "Performance budget" (its current text: bf16 GEMM ≈ 780 reachable);
+# published figures, not measured by this project.
 BF16_GEMM_PEAK = 798e12  # FLOP/s, a large bf16 matrix product
 FA3_BF16_RATE = 500e12  # FLOP/s, FlashAttention-3 at head dim 64, bf16
 

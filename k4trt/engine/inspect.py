@@ -15,6 +15,9 @@ when its attention did not fuse: a layer that holds a score tensor (two trailing
 joint sequence length) or a stand-alone softmax (the DiT has no other) means TensorRT decomposed attention
 into BMM-Softmax-BMM, which at 12 s of 672x384 materialises 48·25 424² bf16 scores, 62 GB, per block.
 The rule is structural (shapes and layer kinds), not a kernel-name list: kernel names change between releases.
+
+Tested on the CPU with inspector JSON in the documented forms; no real engine's JSON has been read yet
+(TensorRT cannot be installed where this was written).
 """
 
 from __future__ import annotations

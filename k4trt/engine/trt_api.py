@@ -5,6 +5,9 @@ torch): nothing imports it at module level, so the CLI, the PyTorch and ONNX Run
 run where it is absent. Call sites do `require_tensorrt(); import tensorrt as trt` inside the function: the
 check turns absence into one actionable line, and the plain import keeps the module fully typed by
 tensorrt-stubs for the type-check test.
+
+Written against TensorRT 11's documentation and Python bindings and not yet run with TensorRT, which cannot
+be installed where it was written: the CPU tests drive it with fakes, the `tensorrt`-marked tests skip.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One rank's DiT: its rows of the joint sequence in, its rows of the output patches out.
 
 The same module serves the PyTorch backend (its all-to-all a process-group collective) and the ONNX export
-(its all-to-all a `DistCollective` node), so the graph TensorRT builds is the code the CPU tests run.
+(its all-to-all a `DistCollective` node), so the exported graph is the code the CPU tests run; ONNX Runtime
+runs its exchanges as a custom op over gloo, and the TensorRT build (not yet run) swaps them for all-to-all layers.
 """
 
 from __future__ import annotations

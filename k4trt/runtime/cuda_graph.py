@@ -25,6 +25,9 @@ CUDA-graph guidance uses.
 When capture fails (a data-dependent shape, a synchronizing call, an engine TensorRT cannot capture), a
 warning says so and every later call runs eagerly. CPU tensors and `enabled=False` (the CLI's
 `--no-cuda-graph`) always run eagerly.
+
+Capture and replay have not yet run on a GPU (the `gpu`-marked tests skip without one); the eager
+paths are tested on the CPU.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ anew, so no binding call ever happens inside a capture. Buffers of earlier signa
 captured for one still points at them.
 
 Every buffer is placed at a 256-byte boundary and its address checked (`k4trt.engine.trt_api.ALIGNMENT`).
+
+Tested on the CPU with a fake execution context; not yet run on a GPU.
 """
 
 from __future__ import annotations
