@@ -4,8 +4,7 @@ The plan streams from TensorRT into a temporary file (`k4trt.engine.plan_io`), r
 TensorRT succeeded, and the timing cache is written the same way, so an interrupted or failed build leaves
 the previous files (or none) and never a partial plan.
 
-Written against TensorRT 11's documentation and Python bindings and not yet run with TensorRT, which cannot
-be installed where it was written: the CPU tests drive it with fakes, the `tensorrt`-marked tests skip.
+Written against TensorRT 11's documentation, not yet run with TensorRT (README, "What was verified where").
 """
 
 from __future__ import annotations

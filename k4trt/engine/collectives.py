@@ -12,8 +12,7 @@ IDistCollectiveLayer (ALL_TO_ALL, reduce NONE, root -1, all ranks, `num_ranks` =
 ALL_TO_ALL sends block j of dim 0 to rank j and concatenates the received blocks in rank order, which is the
 exchange the graph was written for. The layers need NCCL at run time and an Ampere or later GPU.
 
-Written against TensorRT 11's documentation and Python bindings and not yet run with TensorRT, which cannot
-be installed where it was written: the CPU tests drive it with fakes, the `tensorrt`-marked tests skip.
+Written against TensorRT 11's documentation, not yet run with TensorRT (README, "What was verified where").
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ Both callback signatures are the TensorRT 11.1 Python bindings' (python/src/infe
 calls `read(num_bytes, stream)` and expects a buffer back, and `write(data)` with one bytes object and expects
 the count written); tensorrt-stubs 10.13 declares the C++ signatures instead, hence the ignores below.
 
-Written against TensorRT 11's documentation and Python bindings and not yet run with TensorRT, which cannot
-be installed where it was written: the CPU tests drive it with fakes, the `tensorrt`-marked tests skip.
+Written against TensorRT 11's documentation, not yet run with TensorRT (README, "What was verified where").
 """
 
 from __future__ import annotations

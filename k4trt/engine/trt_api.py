@@ -6,8 +6,7 @@ run where it is absent. Call sites do `require_tensorrt(); import tensorrt as tr
 check turns absence into one actionable line, and the plain import keeps the module fully typed by
 tensorrt-stubs for the type-check test.
 
-Written against TensorRT 11's documentation and Python bindings and not yet run with TensorRT, which cannot
-be installed where it was written: the CPU tests drive it with fakes, the `tensorrt`-marked tests skip.
+Written against TensorRT 11's documentation, not yet run with TensorRT (README, "What was verified where").
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ On a rank of a sequence-parallel run (`world` given) the DiT plan is the folder'
 plan on every rank, its exchanges DistCollective layers; its context runs them on an NCCL communicator
 (`set_communicator`, TensorRT Developer Guide, "Multi-Device Inference"), and every rank enqueues it in step.
 
-Written against TensorRT 11's documentation and Python bindings and not yet run with TensorRT, which cannot
-be installed where it was written: the CPU tests drive it with fakes, the `tensorrt`-marked tests skip.
+Written against TensorRT 11's documentation, not yet run with TensorRT (README, "What was verified where").
 """
 
 from __future__ import annotations
